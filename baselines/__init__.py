@@ -1,0 +1,1 @@
+"""Baseline selector plugins: one module each, one YAML each in conf/selector/."""

@@ -1,0 +1,14 @@
+"""instructdiff: select the supervised fine-tuning data worth training on.
+
+Stages (one module each): data → models → render → calibrate → scoring → selection → train → evaluate,
+driven by ``pipeline.run(cfg)`` under the thin Hydra entry in ``instructdiff.run``.
+"""
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+#: Repository root (the package is installed editable: conf/ and data/ live beside it).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+DATA_DIR = PROJECT_ROOT / "data"

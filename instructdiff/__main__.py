@@ -1,0 +1,3 @@
+from instructdiff.run import main
+
+main()

@@ -1,0 +1,369 @@
+"""``run(cfg) -> dict``: calibrate → score → select → train → eval for one configuration.
+
+Every expensive artifact lives in ``paths.cache_dir`` under a key hashed from its inputs, so a rerun (or
+another multirun job with the same inputs) reuses it and says so:
+
+    models/trained-<key>/      calibrated and trained models   key: base, rows in order, rendering, trainer, seed
+    scores/<key>.npz           ScoreStore tables               key: model, rendered pool, scoring settings
+    selections/<key>.json      selector output                 key: pool, base, rendering, selector, trainer, seed
+    eval/<key>/                lm-eval results per model        key: model, eval config
+
+The run directory gets results.json, selection.jsonl, subset.jsonl and manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from instructdiff import PROJECT_ROOT, __version__
+from instructdiff.data import load_pool, original_records
+from instructdiff.models import ModelRef, load_model, load_tokenizer, resolve_model, trained_ref
+from instructdiff.render import Renderer, render_pool
+from instructdiff.rows import Row, fingerprint_rows, stable_hash
+from instructdiff.scoring import ScoreStore, ScoreTable
+from instructdiff.selection import Selection, SelectionContext, Selector
+from instructdiff.tracking import Tracker
+
+log = logging.getLogger("instructdiff")
+
+STAGES = ("calibrate", "score", "select", "train", "eval")
+# Bump when a stage's output for the same inputs changes, so stale cache entries are not reused.
+STAGE_VERSIONS = {"train": 1, "select": 1, "eval": 1}
+
+
+class StageNotEnabled(RuntimeError):
+    pass
+
+
+def code_hash() -> str:
+    """Hash of the framework's source (recorded in the manifest, not in cache keys)."""
+    h = hashlib.sha256()
+    for folder in ("instructdiff", "baselines"):
+        for p in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+            h.update(p.relative_to(PROJECT_ROOT).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t0, 3)
+
+
+class Pipeline:
+    """One run. Methods are the stages; ``run`` wires them in order."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.cache = Path(cfg.paths.cache_dir).resolve()
+        self.stages = list(cfg.pipeline.stages)
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; known: {list(STAGES)}")
+        self.seed = int(cfg.seed)
+        self.timer = Timer()
+        self.cache_events: list[dict] = []
+        self.trainings: list[dict] = []
+        self.render_cfg = {"template": cfg.render.template, "system_prompt": cfg.render.system_prompt,
+                           "max_length": cfg.domain.get("max_length")}
+        self.trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+
+    def say(self, msg: str) -> None:
+        log.info(msg)
+
+    def note_cache(self, stage: str, key: str, hit: bool, what: str) -> None:
+        self.cache_events.append({"stage": stage, "key": key, "hit": hit, "what": what})
+        self.say(f"[{stage}] {'cached, skipping' if hit else 'computing'}: {what} ({key})")
+
+    # -- calibrate / train ---------------------------------------------------------------------------
+    def train_model(self, rows: list[Row], purpose: str, stage: str) -> ModelRef:
+        key = stable_hash({"base": self.base.fingerprint, "rows": [r.id for r in rows], "render": self.render_fp,
+                           "trainer": self.trainer_cfg, "seed": self.seed, "v": STAGE_VERSIONS["train"]})
+        out = self.cache / "models" / f"trained-{key}"
+        with FileLock(str(out) + ".lock"):
+            done = (out / "train_stats.json").exists()
+            self.note_cache(stage, key, done, f"SFT on {len(rows)} rows ({purpose})")
+            if not done:
+                if stage not in self.stages:
+                    raise StageNotEnabled(
+                        f"{purpose} needs stage '{stage}', which is not in pipeline.stages={self.stages} "
+                        f"and its output is not cached; add '{stage}' to pipeline.stages")
+                from instructdiff.train import train_sft
+
+                with self.timer.stage(stage):
+                    train_sft(self.base, rows, self.cfg.trainer, self.render_cfg, out, self.seed)
+            stats = json.loads((out / "train_stats.json").read_text())
+        self.trainings.append({"purpose": purpose, "key": key, "cached": done, **stats})
+        return trained_ref(f"{self.base.name}+{purpose}", out, key)
+
+    # -- score ---------------------------------------------------------------------------------------
+    def score(self, ref: ModelRef, desc: str) -> ScoreTable:
+        settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
+                    "max_batch_size": int(self.cfg.score.max_batch_size),
+                    "checkpoint_every": int(self.cfg.score.checkpoint_every),
+                    "pad_id": int(self.tokenizer.pad_token_id), "dtype": "fp32"}
+        # Batching changes the float summation order only within 1e-6; keep it out of the key so
+        # a different batch size reuses scores.
+        key_settings = {"dtype": "fp32"}
+        misses_before = self.store.misses
+
+        def loader():
+            if "score" not in self.stages:
+                raise StageNotEnabled(f"scores of {ref.name} are not cached and 'score' is not in pipeline.stages")
+            return load_model(ref, dtype="float32", device=self.cfg.score.device)
+
+        with self.timer.stage("score"):
+            table = self.store.response_stats(loader, ref.fingerprint, self.rendered, self.render_fp,
+                                              {**settings, "_key": key_settings}, desc=f"score {desc}")
+        self.note_cache("score", ref.fingerprint, self.store.misses == misses_before, f"{desc} model scores")
+        return table
+
+    # -- select --------------------------------------------------------------------------------------
+    def select(self, selector: Selector) -> Selection:
+        selector_cfg = OmegaConf.to_container(self.cfg.selector, resolve=True)
+        key = stable_hash({"pool": self.pool_fp, "base": self.base.fingerprint, "render": self.render_fp,
+                           "selector": selector_cfg, "seed": self.seed, "v": STAGE_VERSIONS["select"],
+                           "trainer": self.trainer_cfg if selector.uses_models else None})
+        path = self.cache / "selections" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            self.note_cache("select", key, True, f"selection by {type(selector).__name__}")
+            d = json.loads(path.read_text())
+            return Selection(d["selected"], d["status"], d["scores"], d["stats"])
+        if "select" not in self.stages:
+            raise StageNotEnabled("no cached selection for this configuration and 'select' is not in "
+                                  "pipeline.stages")
+        self.note_cache("select", key, False, f"selection by {type(selector).__name__}")
+        ctx = SelectionContext(
+            pool=self.pool, response_tokens=self.response_tokens, rng=np.random.default_rng(self.seed),
+            seed=self.seed, base=self.base, score=self.score,
+            calibrate=lambda rows, purpose: self.train_model(rows, f"calibration-{purpose}", "calibrate"),
+            train=lambda rows, purpose: self.train_model(rows, f"selection-{purpose}", "calibrate"),
+            log=self.say,
+        )
+        t0 = time.time()
+        before = dict(self.timer.seconds)
+        selection = selector.select(ctx)
+        own = time.time() - t0 - sum(self.timer.seconds.get(k, 0) - before.get(k, 0) for k in self.timer.seconds)
+        self.timer.seconds["select"] = round(own, 3)
+        _atomic_write_json(path, {"selected": selection.selected, "status": selection.status,
+                                  "scores": selection.scores, "stats": selection.stats})
+        return selection
+
+    # -- eval ----------------------------------------------------------------------------------------
+    def evaluate(self, ref: ModelRef, label: str) -> dict:
+        from instructdiff.evaluate import evaluate_model
+
+        eval_cfg = OmegaConf.to_container(self.cfg.eval, resolve=True)
+        key = stable_hash({"model": ref.fingerprint, "eval": eval_cfg, "v": STAGE_VERSIONS["eval"]})
+        out = self.cache / "eval" / key
+        result_path = out / "eval_results.json"
+        with FileLock(str(out) + ".lock"):
+            if result_path.exists():
+                self.note_cache("eval", key, True, f"{label} model evaluation")
+                return json.loads(result_path.read_text())
+            self.note_cache("eval", key, False, f"{label} model evaluation")
+            out.mkdir(parents=True, exist_ok=True)
+            with self.timer.stage("eval"):
+                return evaluate_model(ref, self.cfg.eval, out, device=self.cfg.score.device)
+
+    # -- whole run -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self.timer.stage("data"):
+            rows, report = load_pool(cfg.domain, self.seed)
+            self.base = resolve_model(cfg.model, self.cache)
+            self.tokenizer = load_tokenizer(self.base)
+            renderer = Renderer(self.tokenizer, **self.render_cfg)
+            self.render_fp = renderer.fingerprint
+            self.rendered, render_dropped = render_pool(renderer, rows)
+        kept = {r.id for r in self.rendered}
+        self.pool = [r for r in rows if r.id in kept]
+        self.pool_fp = fingerprint_rows(self.pool)
+        self.response_tokens = {r.id: len(r.completion_ids) for r in self.rendered}
+        self.store = ScoreStore(self.cache / "scores")
+        self.say(f"pool: {len(self.pool)} rows ({report.n_read} read, {len(report.dropped)} dropped on load, "
+                 f"{len(render_dropped)} dropped by the renderer)")
+        if not self.pool:
+            raise ValueError("every pool row was dropped; see the reasons above")
+
+        selector: Selector = _instantiate_selector(cfg.selector)
+        results: dict[str, Any] = {"run_dir": str(self.run_dir), "domain": cfg.domain.name,
+                                   "model": self.base.name, "selector": type(selector).__name__,
+                                   "seed": self.seed, "stages": self.stages}
+        selection = None
+        if any(s in self.stages for s in ("calibrate", "score", "select", "train")):
+            selection = self.select(selector)
+            self._write_selection(selection, report.dropped + render_dropped, rows)
+            results["selection"] = {**selection.stats, "n_pool": len(self.pool),
+                                    "n_dropped_on_load": len(report.dropped),
+                                    "n_dropped_by_renderer": len(render_dropped)}
+            results["selection"].pop("warmup_ids", None)
+        trained = None
+        if "train" in self.stages:
+            chosen = [r for r in self.pool if r.id in set(selection.selected)]
+            by_id = {r.id: r for r in chosen}
+            trained = self.train_model([by_id[i] for i in selection.selected], "final", "train")
+        results["trainings"] = self.trainings
+        if "eval" in self.stages:
+            results["eval"] = {"base": self.evaluate(self.base, "base")}
+            if trained is not None:
+                results["eval"]["trained"] = self.evaluate(trained, "trained")
+        results["seconds"] = self.timer.seconds
+        results["cache"] = {"events": self.cache_events, "score_store": self.store.stats(),
+                            "hits": sum(e["hit"] for e in self.cache_events),
+                            "misses": sum(not e["hit"] for e in self.cache_events)}
+        _atomic_write_json(self.run_dir / "results.json", results)
+        self._write_manifest(report, render_dropped, selection)
+        return results
+
+    def _write_selection(self, selection: Selection, load_dropped: list[dict], rows: list[Row]) -> None:
+        """selection.jsonl holds every row read (dropped ones too); subset.jsonl the chosen rows."""
+        with open(self.run_dir / "selection.jsonl", "w") as fh:
+            rank = {i: k for k, i in enumerate(selection.selected)}
+            for r in self.pool:
+                status = selection.status[r.id]
+                rec = {"id": r.id, "status": status.split(":")[0], "reason": status.split(":", 1)[1]
+                       if ":" in status else None, "rank": rank.get(r.id),
+                       "scores": {k: _finite_or_none(v) for k, v in selection.scores.get(r.id, {}).items()}}
+                fh.write(json.dumps(rec) + "\n")
+            for d in load_dropped:
+                fh.write(json.dumps({"id": d.get("id"), "status": "dropped", "reason": d.get("reason"),
+                                     "source": d.get("source"), "rank": None, "scores": {}}) + "\n")
+        by_id = {r.id: r for r in rows}
+        with open(self.run_dir / "subset.jsonl", "w") as fh:
+            for rec in original_records([by_id[i] for i in selection.selected]):
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def _write_manifest(self, report, render_dropped: list[dict], selection: Selection | None) -> None:
+        import torch
+        import transformers
+        import trl
+
+        manifest = {
+            "instructdiff_version": __version__, "code_hash": code_hash(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "base_model": {"name": self.base.name, "path": self.base.path, "fingerprint": self.base.fingerprint},
+            "pool": {"fingerprint": self.pool_fp, "render_fingerprint": self.render_fp,
+                     "report": report.to_dict() if hasattr(report, "to_dict") else str(report),
+                     "n_dropped_by_renderer": len(render_dropped)},
+            "counts": selection.stats.get("counts") if selection else None,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "trl": trl.__version__},
+        }
+        _atomic_write_json(self.run_dir / "manifest.json", manifest)
+
+
+def _instantiate_selector(selector_cfg: DictConfig) -> Selector:
+    from hydra.utils import instantiate
+
+    selector = instantiate(selector_cfg, _convert_="all")
+    if not isinstance(selector, Selector):
+        raise TypeError(f"selector._target_ must build an instructdiff.selection.Selector, got {type(selector)}")
+    return selector
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.paths.get("run_dir"):
+        return Path(cfg.paths.run_dir).resolve()
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise ValueError("paths.run_dir is not set and no Hydra run is active")
+
+
+def print_summary(results: dict, echo: Callable[[str], None] = print) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"instructdiff · {results['domain']} · {results['selector']} · seed {results['seed']}")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("trained", justify="right")
+    ev = results.get("eval", {})
+    base_m = ev.get("base", {}).get("metrics", {})
+    trained_m = ev.get("trained", {}).get("metrics", {})
+    for k in sorted(set(base_m) | set(trained_m)):
+        table.add_row(k, _fmt(base_m.get(k)), _fmt(trained_m.get(k)))
+    sel = results.get("selection", {})
+    console = Console()
+    if sel:
+        c = sel.get("counts", {})
+        console.print(f"selection: {c.get('selected')} selected, {c.get('not_selected')} not selected, "
+                      f"{c.get('dropped')} dropped ({sel.get('dropped_reasons')})")
+    console.print(f"time per stage (s): {results.get('seconds')}")
+    console.print(f"cache: {results['cache']['hits']} hits, {results['cache']['misses']} misses")
+    if ev:
+        console.print(table)
+    console.print(f"outputs: {results['run_dir']}")
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the configured stages; returns the results dict that is also written to results.json."""
+    run_dir = resolve_run_dir(cfg)
+    tracker = Tracker(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True),
+                      name=run_dir.name, group=cfg.domain.name,
+                      tags=[f"domain={cfg.domain.name}", f"model={cfg.model.name}"])
+    try:
+        results = Pipeline(cfg, run_dir).run()
+        tracker.log({f"time/{k}": v for k, v in results["seconds"].items()})
+        for label, ev in results.get("eval", {}).items():
+            tracker.log({f"{label}/{k}": v for k, v in ev.get("metrics", {}).items()})
+        sel_path = run_dir / "selection.jsonl"
+        if tracker.run is not None and sel_path.exists():
+            recs = [json.loads(x) for x in sel_path.read_text().splitlines()]
+            signals = sorted({k for r in recs for k in r["scores"]})
+            tracker.table("selection", ["id", "status", "reason", "rank", *signals],
+                          [[r["id"], r["status"], r["reason"], r["rank"], *[r["scores"].get(s) for s in signals]]
+                           for r in recs])
+        if tracker.sync_hint:
+            results["wandb_sync"] = tracker.sync_hint
+        return results
+    finally:
+        tracker.finish()

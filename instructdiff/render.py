@@ -1,0 +1,130 @@
+"""One row → (prompt ids, completion ids) with an exact boundary; scoring and training both call this.
+
+Why prompt and completion are tokenized separately and concatenated: tokenizing ``prompt + response`` as
+one string lets BPE merge across the boundary (``":" + "\\n"``), so the first response token may or may not
+exist (METHODS §0). Concatenating ids fixes the boundary; since training uses the very same ids, the scored
+text and the trained text are identical by construction.
+
+The completion is the assistant turn exactly as the chat template closes it (e.g. ``response<|im_end|>\\n``
+for ChatML), so the end-of-turn token the model learns to emit is also scored. Plain templates end the
+completion with the tokenizer's EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from instructdiff.rows import Row, stable_hash
+
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PLAIN_TEMPLATES = {
+    "alpaca": (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT),
+    # Superfiltering's "none" template: the instruction (and input) on their own lines.
+    "plain": ("{instruction}\n{input}\n", "{instruction}\n"),
+}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def user_message(row: Row) -> str:
+    """The user turn of a chat: the instruction, then the input (never dropped) after a blank line."""
+    return row.instruction if not row.input.strip() else f"{row.instruction}\n\n{row.input}"
+
+
+class Renderer:
+    """Renders rows for one tokenizer and one template; ``fingerprint`` keys every cache that uses it."""
+
+    def __init__(self, tokenizer: Any, template: str = "chat", system_prompt: str | None = None,
+                 max_length: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            # A base model without a chat template: fall back to the Alpaca template, loudly.
+            import logging
+
+            logging.getLogger(__name__).warning("tokenizer has no chat template; rendering with 'alpaca'")
+            template = "alpaca"
+        if template != "chat" and template not in PLAIN_TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; expected 'chat' or one of {sorted(PLAIN_TEMPLATES)}")
+        self.template = template
+
+    @property
+    def fingerprint(self) -> str:
+        return stable_hash({
+            "template": self.template,
+            "chat_template": getattr(self.tokenizer, "chat_template", None) if self.template == "chat" else None,
+            "system": self.system_prompt,
+            "max_length": self.max_length,
+            "vocab": len(self.tokenizer),
+            "eos": self.tokenizer.eos_token,
+            "v": 1,
+        })
+
+    def texts(self, row: Row) -> tuple[str, str]:
+        """(prompt text, completion text) for a row."""
+        if self.template == "chat":
+            messages = [{"role": "user", "content": user_message(row)}]
+            if self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            full = self.tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": row.response}], tokenize=False
+            )
+            if not full.startswith(prompt):
+                raise ValueError(
+                    "the chat template does not render the prompt as a prefix of the full conversation; "
+                    "use model.template=alpaca for this model"
+                )
+            return prompt, full[len(prompt):]
+        with_input, without_input = PLAIN_TEMPLATES[self.template]
+        prompt = (with_input if row.input.strip() else without_input).format(
+            instruction=row.instruction, input=row.input)
+        return prompt, row.response + (self.tokenizer.eos_token or "")
+
+    def __call__(self, row: Row) -> Rendered:
+        prompt, completion = self.texts(row)
+        tok = self.tokenizer
+        # Chat templates write BOS themselves; plain templates need the tokenizer's special tokens.
+        prompt_ids = tok(prompt, add_special_tokens=self.template != "chat")["input_ids"]
+        completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
+        return Rendered(row.id, list(prompt_ids), list(completion_ids))
+
+    def prompt_ids(self, row: Row) -> list[int]:
+        prompt, _ = self.texts(row)
+        return list(self.tokenizer(prompt, add_special_tokens=self.template != "chat")["input_ids"])
+
+
+def render_pool(renderer: Renderer, rows: list[Row]) -> tuple[list[Rendered], list[dict]]:
+    """Render every row; rows over ``max_length`` tokens are dropped with reason ``too_long`` (never truncated:
+    truncating would score and train on a different text than the row holds)."""
+    kept: list[Rendered] = []
+    dropped: list[dict] = []
+    for row in rows:
+        r = renderer(row)
+        if not r.completion_ids:
+            dropped.append({"id": row.id, "reason": "empty_completion"})
+        elif renderer.max_length is not None and r.n_tokens > renderer.max_length:
+            dropped.append({"id": row.id, "reason": f"too_long ({r.n_tokens} > {renderer.max_length} tokens)"})
+        else:
+            kept.append(r)
+    return kept, dropped

@@ -1,0 +1,32 @@
+"""Hydra entry point: ``instructdiff [overrides]`` or ``python -m instructdiff [overrides]``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from instructdiff import CONF_DIR
+
+# Offline first: nothing is fetched from a hub unless the user says so (export HF_HUB_OFFLINE=0).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from instructdiff.pipeline import print_summary, run
+
+    logging.getLogger("instructdiff").setLevel(logging.INFO)
+    results = run(cfg)
+    print_summary(results)
+    if results.get("wandb_sync"):
+        print(f"W&B run saved offline; upload it with: {results['wandb_sync']}")
+    return None
+
+
+if __name__ == "__main__":
+    main()

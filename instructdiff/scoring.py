@@ -1,0 +1,217 @@
+"""Response-token mean NLL and mean entropy of every pool sample under one model, cached per sample id.
+
+Math (METHODS §0): for response tokens y_1..y_T after prompt x,
+    nll     = -(1/T) Σ_t log p_t(y_t)
+    entropy =  (1/T) Σ_t [-Σ_v p_t(v) log p_t(v)]      (full vocabulary)
+Logits at position i predict token i+1, so with P prompt tokens the response positions are P-1 … P+T-2.
+
+Only the response positions go through the LM head, and log-softmax/entropy run in fp32 chunks: the
+vocabulary projection dominates memory (T×V), and fp16/bf16 log-softmax loses the precision that
+differences of entropies need (METHODS §1.4 quirk 4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from instructdiff.render import Rendered
+from instructdiff.rows import stable_hash
+
+log = logging.getLogger(__name__)
+
+RESPONSE_SIGNALS = ("nll", "entropy", "n_tokens")
+SCORING_VERSION = 1
+
+
+@dataclass
+class ScoreTable:
+    """Per-sample values of one scoring pass, aligned with ``ids``; NaN marks a sample that failed."""
+
+    ids: list[str]
+    values: dict[str, np.ndarray]
+
+    def get(self, signal: str) -> dict[str, float]:
+        return dict(zip(self.ids, self.values[signal].tolist(), strict=True))
+
+    def aligned(self, signal: str, ids: list[str]) -> np.ndarray:
+        index = {i: k for k, i in enumerate(self.ids)}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} ids have no {signal!r} score (first: {missing[0]})")
+        return self.values[signal][[index[i] for i in ids]]
+
+
+def length_batches(items: list[Rendered], max_tokens: int, max_batch: int) -> Iterator[list[int]]:
+    """Indices grouped by similar length so padding is small; each batch holds ≤ max_tokens padded tokens."""
+    order = sorted(range(len(items)), key=lambda k: (items[k].n_tokens, items[k].id))
+    batch: list[int] = []
+    longest = 0
+    for k in order:
+        n = items[k].n_tokens
+        if batch and (max(longest, n) * (len(batch) + 1) > max_tokens or len(batch) >= max_batch):
+            yield batch
+            batch, longest = [], 0
+        batch.append(k)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def _decoder_and_head(model):
+    """The transformer body and the vocabulary projection, so logits are computed only where needed."""
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if body is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    return body, head
+
+
+@torch.inference_mode()
+def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int = 1024) -> np.ndarray:
+    """(len(batch), 3) array of nll, entropy, n_tokens for each rendered sample."""
+    device = next(model.parameters()).device
+    width = max(r.n_tokens for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    target_pos: list[torch.Tensor] = []
+    for b, r in enumerate(batch):
+        seq = r.prompt_ids + r.completion_ids
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        p, t = len(r.prompt_ids), len(r.completion_ids)
+        target_pos.append(torch.arange(p - 1, p + t - 1))
+    ids, mask = ids.to(device), mask.to(device)
+    rows = torch.cat([torch.full((len(tp),), b, dtype=torch.long) for b, tp in enumerate(target_pos)])
+    cols = torch.cat(target_pos)
+    labels = ids[rows, cols + 1]
+
+    body, head = _decoder_and_head(model)
+    if body is not None:
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        selected = hidden[rows.to(device), cols.to(device)]
+        logits_fn = head
+    else:
+        full_logits = model(input_ids=ids, attention_mask=mask).logits
+        selected = full_logits[rows.to(device), cols.to(device)]
+        logits_fn = None
+
+    token_nll = torch.empty(len(rows), dtype=torch.float32, device=device)
+    token_ent = torch.empty(len(rows), dtype=torch.float32, device=device)
+    for s in range(0, len(rows), chunk_positions):
+        chunk = selected[s : s + chunk_positions]
+        logits = (logits_fn(chunk) if logits_fn is not None else chunk).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        token_nll[s : s + chunk_positions] = -logp.gather(1, labels[s : s + chunk_positions, None]).squeeze(1)
+        token_ent[s : s + chunk_positions] = -(logp.exp() * logp).sum(-1)
+
+    out = np.empty((len(batch), 3), dtype=np.float64)
+    start = 0
+    for b, tp in enumerate(target_pos):
+        n = len(tp)
+        out[b, 0] = token_nll[start : start + n].double().mean().item() if n else float("nan")
+        out[b, 1] = token_ent[start : start + n].double().mean().item() if n else float("nan")
+        out[b, 2] = n
+        start += n
+    return out
+
+
+class ScoreStore:
+    """Signals keyed by (model fingerprint, rendered-pool fingerprint, scoring settings), computed once.
+
+    A finished table is an ``.npz`` written atomically (tmp file + rename) under a file lock, so two
+    jobs asking for the same signal compute it once; a partial table is checkpointed every few batches
+    and a restarted job resumes from it.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+        self.passes: list[dict] = []
+
+    def key(self, model_fp: str, pool_fp: str, render_fp: str, kind: str, settings: dict) -> str:
+        return stable_hash({"model": model_fp, "pool": pool_fp, "render": render_fp, "kind": kind,
+                            "settings": settings, "v": SCORING_VERSION})
+
+    def response_stats(self, model_loader, model_fp: str, rendered: list[Rendered], render_fp: str,
+                       settings: dict, desc: str = "scoring") -> ScoreTable:
+        """nll / entropy / n_tokens of every rendered sample; ``model_loader()`` runs only on a miss."""
+        pool_fp = stable_hash([(r.id, len(r.prompt_ids), len(r.completion_ids)) for r in rendered])
+        key = self.key(model_fp, pool_fp, render_fp, "response_stats", settings.get("_key", settings))
+        path = self.root / f"{key}.npz"
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                self.hits += 1
+                log.info("%s: cache hit %s", desc, path.name)
+                return self._read(path)
+            self.misses += 1
+            t0 = time.time()
+            table = self._compute(model_loader(), rendered, settings, path, desc)
+            n_tok = int(sum(len(r.completion_ids) + len(r.prompt_ids) for r in rendered))
+            self.passes.append({"desc": desc, "key": key, "samples": len(rendered), "tokens": n_tok,
+                                "seconds": round(time.time() - t0, 3)})
+            return table
+
+    @staticmethod
+    def _read(path: Path) -> ScoreTable:
+        with np.load(path, allow_pickle=False) as z:
+            return ScoreTable([str(i) for i in z["ids"]], {s: z[s].astype(np.float64) for s in RESPONSE_SIGNALS})
+
+    @staticmethod
+    def _write(path: Path, ids: list[str], values: np.ndarray) -> None:
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, ids=np.array(ids), **{s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
+        os.replace(tmp, path)
+
+    def _compute(self, model, rendered: list[Rendered], settings: dict, path: Path, desc: str) -> ScoreTable:
+        partial = path.with_name(path.stem + ".partial.npz")
+        done: dict[str, np.ndarray] = {}
+        if partial.exists():
+            prev = self._read(partial)
+            done = {i: np.array([prev.values[s][k] for s in RESPONSE_SIGNALS]) for k, i in enumerate(prev.ids)}
+            log.info("%s: resuming, %d of %d samples already scored", desc, len(done), len(rendered))
+        todo = [r for r in rendered if r.id not in done]
+        pad_id = settings.get("pad_id", 0)
+        every = int(settings.get("checkpoint_every", 20))
+        batches = list(length_batches(todo, int(settings.get("max_tokens_per_batch", 8192)),
+                                      int(settings.get("max_batch_size", 64))))
+        bar = tqdm(total=len(rendered), initial=len(done), desc=desc, unit="sample", dynamic_ncols=True)
+        for n_batch, batch_idx in enumerate(batches, 1):
+            batch = [todo[k] for k in batch_idx]
+            vals = score_batch(model, batch, pad_id)
+            for r, v in zip(batch, vals, strict=True):
+                done[r.id] = v
+            bar.update(len(batch))
+            if n_batch % every == 0:
+                ids = list(done)
+                self._write(partial, ids, np.stack([done[i] for i in ids]))
+        bar.close()
+        ids = [r.id for r in rendered]
+        values = np.stack([done[i] for i in ids]) if ids else np.zeros((0, 3))
+        self._write(path, ids, values)
+        partial.unlink(missing_ok=True)
+        n_bad = int((~np.isfinite(values[:, :2])).any(axis=1).sum()) if len(ids) else 0
+        if n_bad:
+            log.warning("%s: %d samples have non-finite scores (kept as NaN, counted downstream)", desc, n_bad)
+        return ScoreTable(ids, {s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "passes": self.passes}
+
+
+def save_scores_json(path: Path, table: ScoreTable) -> None:
+    with open(path, "w") as fh:
+        for k, i in enumerate(table.ids):
+            fh.write(json.dumps({"id": i, **{s: float(table.values[s][k]) for s in RESPONSE_SIGNALS}}) + "\n")

@@ -1,0 +1,145 @@
+"""The selection protocol every selector plugin follows: budget rule, result type, context handle.
+
+A selector receives a ``SelectionContext`` (pool, budget, seeded RNG, and handles to the ScoreStore and
+to calibration training) and returns a ``Selection`` in which every pool row is ``selected``,
+``not_selected`` or ``dropped`` with a reason. Selectors never load models or write files themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from instructdiff.models import ModelRef
+from instructdiff.rows import Row
+from instructdiff.scoring import ScoreTable
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to select. ``count`` (absolute, in ``unit``) overrides ``fraction`` (of the pool's total).
+
+    unit=samples is the InstructDiff paper's rule (β·N samples); unit=tokens is its reference code's
+    (β · Σ response tokens of the whole scored pool; the sample that crosses the budget is kept).
+    """
+
+    fraction: float | None = 0.1
+    count: int | None = None
+    unit: str = "samples"
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("samples", "tokens"):
+            raise ValueError(f"budget.unit must be 'samples' or 'tokens', got {self.unit!r}")
+        if self.count is None and self.fraction is None:
+            raise ValueError("set budget.fraction or budget.count")
+        if self.count is None and not (0.0 < float(self.fraction) <= 1.0):
+            raise ValueError(f"budget.fraction must be in (0, 1], got {self.fraction}")
+        if self.count is not None and int(self.count) < 0:
+            raise ValueError(f"budget.count must be >= 0, got {self.count}")
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> Budget:
+        if isinstance(cfg, Budget):
+            return cfg
+        get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+        return cls(fraction=get("fraction", 0.1), count=get("count"), unit=get("unit", "samples"))
+
+    def limit(self, n_pool: int, pool_tokens: int) -> int:
+        """The budget in its unit for a pool of ``n_pool`` samples holding ``pool_tokens`` response tokens."""
+        if self.count is not None:
+            return int(self.count)
+        total = n_pool if self.unit == "samples" else pool_tokens
+        return int(math.floor(float(self.fraction) * total))
+
+    def take(self, ordered_ids: Sequence[str], tokens: dict[str, int], n_pool: int, pool_tokens: int) -> list[str]:
+        """The prefix of ``ordered_ids`` that fills the budget."""
+        limit = self.limit(n_pool, pool_tokens)
+        if self.unit == "samples":
+            return list(ordered_ids[:limit])
+        chosen: list[str] = []
+        used = 0
+        for i in ordered_ids:
+            if used >= limit:
+                break
+            chosen.append(i)
+            used += int(tokens[i])
+        return chosen
+
+
+@dataclass
+class Selection:
+    """The outcome for every pool row. ``selected`` keeps the selector's rank order."""
+
+    selected: list[str]
+    status: dict[str, str]  # id -> "selected" | "not_selected" | "dropped:<reason>"
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # id -> signal -> value
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, pool_ids: Sequence[str], selected: Sequence[str], dropped: dict[str, str],
+              scores: dict[str, dict[str, float]] | None = None, stats: dict[str, Any] | None = None) -> Selection:
+        chosen = set(selected)
+        if len(chosen) != len(selected):
+            raise ValueError("a selector returned the same id twice")
+        overlap = chosen & set(dropped)
+        if overlap:
+            raise ValueError(f"{len(overlap)} ids are both selected and dropped")
+        status = {}
+        for i in pool_ids:
+            status[i] = "selected" if i in chosen else (f"dropped:{dropped[i]}" if i in dropped else "not_selected")
+        unknown = chosen - set(status)
+        if unknown:
+            raise ValueError(f"{len(unknown)} selected ids are not in the pool")
+        counts = {"selected": len(selected), "not_selected": sum(v == "not_selected" for v in status.values()),
+                  "dropped": sum(v.startswith("dropped") for v in status.values())}
+        reasons: dict[str, int] = {}
+        for r in dropped.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        return cls(list(selected), status, scores or {}, {**(stats or {}), "counts": counts,
+                                                            "dropped_reasons": reasons})
+
+
+@dataclass
+class SelectionContext:
+    """What a selector may use. The callables are cached stages provided by the pipeline."""
+
+    pool: list[Row]
+    response_tokens: dict[str, int]  # completion token count of every pool row, same renderer as training
+    rng: np.random.Generator
+    seed: int
+    base: ModelRef
+    score: Callable[[ModelRef, str], ScoreTable]  # (model, description) -> nll/entropy/n_tokens table
+    calibrate: Callable[[list[Row], str], ModelRef]  # (warmup rows, description) -> calibrated model
+    train: Callable[[list[Row], str], ModelRef]  # (selected rows, description) -> model trained from base
+    log: Callable[[str], None] = print
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.pool]
+
+    @property
+    def pool_tokens(self) -> int:
+        return int(sum(self.response_tokens.values()))
+
+    def rows(self, ids: Sequence[str]) -> list[Row]:
+        by_id = {r.id: r for r in self.pool}
+        return [by_id[i] for i in ids]
+
+
+class Selector(ABC):
+    """Base class of selector plugins; subclasses are instantiated by Hydra from conf/selector/*.yaml."""
+
+    name: str = "selector"
+    #: does the pipeline need the calibrate/score stages for this selector?
+    uses_models: bool = False
+
+    def __init__(self, budget: Any = None) -> None:
+        self.budget = Budget.from_cfg(budget if budget is not None else {})
+
+    @abstractmethod
+    def select(self, ctx: SelectionContext) -> Selection: ...
