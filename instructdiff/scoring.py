@@ -90,6 +90,8 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
         ids[b, : len(seq)] = torch.tensor(seq)
         mask[b, : len(seq)] = 1
         p, t = len(r.prompt_ids), len(r.completion_ids)
+        if p == 0:
+            raise ValueError(f"sample {r.id} has an empty prompt: its first response token has no context")
         target_pos.append(torch.arange(p - 1, p + t - 1))
     ids, mask = ids.to(device), mask.to(device)
     rows = torch.cat([torch.full((len(tp),), b, dtype=torch.long) for b, tp in enumerate(target_pos)])

@@ -54,7 +54,8 @@ class Budget:
         if self.count is not None:
             return int(self.count)
         total = n_pool if self.unit == "samples" else pool_tokens
-        return int(math.floor(float(self.fraction) * total))
+        # round first: 0.7 * 90 is 62.999999… in binary floating point, and the budget is 63
+        return int(math.floor(round(float(self.fraction) * total, 6)))
 
     def take(self, ordered_ids: Sequence[str], tokens: dict[str, int], n_pool: int, pool_tokens: int) -> list[str]:
         """The prefix of ``ordered_ids`` that fills the budget."""
@@ -86,6 +87,11 @@ class Selection:
         chosen = set(selected)
         if len(chosen) != len(selected):
             raise ValueError("a selector returned the same id twice")
+        if len(set(pool_ids)) != len(pool_ids):
+            raise ValueError("the pool holds duplicate ids; deduplicate it before selection")
+        stray = set(dropped) - set(pool_ids)
+        if stray:
+            raise ValueError(f"{len(stray)} dropped ids are not in the pool (first: {sorted(stray)[0]})")
         overlap = chosen & set(dropped)
         if overlap:
             raise ValueError(f"{len(overlap)} ids are both selected and dropped")

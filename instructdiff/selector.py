@@ -79,7 +79,7 @@ class InstructDiffSelector(Selector):
         self.warmup_seed = warmup_seed
 
     def warmup_ids(self, ids: list[str], seed: int) -> list[str]:
-        k = max(1, int(round(self.warmup_ratio * len(ids))))
+        k = max(1, int(math.floor(self.warmup_ratio * len(ids) + 0.5)))  # half up, not Python's half-to-even
         rng = random.Random(seed if self.warmup_seed is None else self.warmup_seed)
         return sorted(rng.sample(ids, k), key=ids.index)
 
@@ -89,7 +89,8 @@ class InstructDiffSelector(Selector):
         ctx.log(f"instructdiff: warmup calibration on {len(warm)} of {len(ids)} samples (α={self.warmup_ratio})")
         calibrated = ctx.calibrate(ctx.rows(warm), "warmup")
         base_table = ctx.score(ctx.base, "base")
-        candidates = [i for i in ids if not (self.exclude_warmup and i in set(warm))]
+        warm_set = set(warm)
+        candidates = [i for i in ids if not (self.exclude_warmup and i in warm_set)]
         base_nll, base_h = base_table.aligned("nll", candidates), base_table.aligned("entropy", candidates)
         rounds_stats = []
         chosen: list[str] = []

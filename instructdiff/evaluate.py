@@ -1,0 +1,277 @@
+"""Evaluation stage: lm-eval benchmarks of one model (base or trained) on instructdiff's own tasks, offline.
+
+``evaluate_model(ref, eval_cfg, work_dir)`` renders the task YAMLs of ``instructdiff/lm_eval_tasks`` into
+``work_dir/tasks`` (lm-eval resolves ``data_files`` against the working directory, so the bundled files get
+absolute paths there), wraps the loaded model in lm-eval's ``HFLM`` and runs ``lm_eval.simple_evaluate``.
+It returns and writes to ``work_dir/eval_results.json``::
+
+    {"metrics":   {"<task>/<metric>": float},   # NaN only where "unchecked" says why
+     "skipped":   {"<task>": "reason"},          # tasks asked for but not run
+     "n_samples": {"<task>": int},               # docs scored, after eval.limit
+     "unchecked": {"<task>": {"prompts": n, "instructions": m, "reason": "..."}},
+     "settings":  {...}}                          # resolved settings, e.g. whether the chat template was used
+
+Prompts follow the training renderer: with a chat template the task's user turn goes through it (lm-eval's
+``apply_chat_template``); without one, through the Alpaca template the trainer falls back to.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from instructdiff import DATA_DIR
+from instructdiff.models import ModelRef, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TASKS_SRC = Path(__file__).resolve().parent / "lm_eval_tasks"
+CODE_TASKS = frozenset({"id_humaneval", "id_mbpp"})
+PROMPT_STYLES = ("chat", "alpaca")
+
+CODE_OFF = "code execution is off; set eval.allow_code_execution=true to run generated code"
+LOGLIK_ONLY = "eval.loglikelihood_only is true (eval=quick): generation tasks are not run"
+
+DEFAULTS: dict[str, Any] = {
+    "tasks": [],
+    "limit": 100,
+    "batch_size": 8,
+    "max_gen_toks": 256,
+    "apply_chat_template": "auto",
+    "allow_code_execution": False,
+    "num_fewshot": None,
+    "dtype": "float32",
+    "seed": 0,
+    "loglikelihood_only": False,
+}
+
+
+def eval_settings(eval_cfg: Any) -> dict[str, Any]:
+    """The eval config as a plain dict over ``DEFAULTS`` (interpolations such as ``${domain.eval_tasks}``
+    resolved)."""
+    if eval_cfg is None:
+        given: dict[str, Any] = {}
+    else:
+        from omegaconf import OmegaConf
+
+        given = OmegaConf.to_container(eval_cfg, resolve=True) if OmegaConf.is_config(eval_cfg) else dict(eval_cfg)
+    settings = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
+    settings["tasks"] = list(dict.fromkeys(settings["tasks"] or []))
+    return settings
+
+
+def task_output_types() -> dict[str, str]:
+    """Task name → lm-eval output_type, read from the YAMLs (regex: the ``!function`` tags need lm-eval's
+    loader, and only these two fields are wanted)."""
+    types = {}
+    for path in sorted(TASKS_SRC.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        name = re.search(r"^task:\s*(\S+)", text, flags=re.M)
+        kind = re.search(r"^output_type:\s*(\S+)", text, flags=re.M)
+        if name and kind:
+            types[name.group(1)] = kind.group(1)
+    return types
+
+
+def render_tasks(dest: str | Path, prompt_style: str = "chat") -> Path:
+    """Write the task YAMLs with absolute data paths and the prompt style filled in, plus ``utils.py``."""
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}; got {prompt_style!r}")
+    dest = Path(dest)
+    # A task file left from an older run would still be indexed by the TaskManager.
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    # Inside a double-quoted YAML scalar; JSON string escaping is valid there.
+    data_dir = json.dumps(DATA_DIR.resolve().as_posix())[1:-1]
+    missing = []
+    for src in sorted(TASKS_SRC.glob("*.yaml")):
+        text = src.read_text(encoding="utf-8").replace("{DATA_DIR}", data_dir)
+        text = text.replace("{PROMPT_STYLE}", prompt_style)
+        for data_file in re.findall(r'^\s*data_files:\s*"([^"]+)"', text, flags=re.M):
+            if not Path(data_file).is_file():
+                missing.append(f"{src.stem}: {data_file}")
+        (dest / src.name).write_text(text, encoding="utf-8")
+    shutil.copy2(TASKS_SRC / "utils.py", dest / "utils.py")
+    if missing:
+        raise FileNotFoundError("eval data files not found (the repo's data/ folder is incomplete): "
+                                + "; ".join(missing))
+    return dest
+
+
+def _resolve_chat(setting: Any, tokenizer: Any) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return has_template
+    if isinstance(setting, bool):
+        if setting and not has_template:
+            raise ValueError("eval.apply_chat_template=true but the tokenizer has no chat template; "
+                             "use auto or false")
+        return setting
+    raise ValueError(f"eval.apply_chat_template must be auto, true or false; got {setting!r}")
+
+
+_LM_CLASS = None
+
+
+def make_lm(model: Any, tokenizer: Any, batch_size: int):
+    """HFLM over an already-loaded model, with the tokenizer always given (else it asks the Hub)."""
+    global _LM_CLASS
+    if _LM_CLASS is None:
+        from lm_eval.models.huggingface import HFLM
+
+        class SplitEncodingHFLM(HFLM):
+            """Tokenizes context and continuation separately, as ``render.py`` does for training.
+
+            Stock lm-eval tokenizes ``context + continuation`` as one string and moves the context's trailing
+            whitespace into the continuation, so with a prompt ending "assistant\\n" the scored tokens would
+            include that newline (and BPE may merge across the boundary): bits per byte of the reference would
+            then not be the likelihood of the reference alone, nor what training optimised.
+            """
+
+            def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+                return self.tok_encode(context), self.tok_encode(continuation, add_special_tokens=False)
+
+        _LM_CLASS = SplitEncodingHFLM
+    return _LM_CLASS(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
+
+
+def _skip_reason(task: str, output_type: str, settings: dict[str, Any]) -> str | None:
+    if settings["loglikelihood_only"] and output_type == "generate_until":
+        return LOGLIK_ONLY
+    if task in CODE_TASKS and not settings["allow_code_execution"]:
+        return CODE_OFF
+    if task == "id_ifeval":
+        from instructdiff.lm_eval_tasks import utils
+
+        return utils.ifeval_unavailable()
+    return None
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _collect(out: dict[str, Any], tasks: list[str], result: dict[str, Any]) -> None:
+    from instructdiff.lm_eval_tasks import utils
+
+    for task in tasks:
+        entry = out.get("results", {}).get(task)
+        if entry is None:
+            result["skipped"][task] = "lm-eval returned no results for this task"
+            continue
+        counts: dict[str, int] = {}
+        nan_metrics = []
+        for key, value in entry.items():
+            if "," not in key:
+                continue  # "alias"
+            metric, filt = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                continue
+            if metric.startswith("unchecked_"):
+                counts[metric.removeprefix("unchecked_")] = int(_to_float(value))
+                continue
+            name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}/{filt}"
+            result["metrics"][name] = _to_float(value)
+            if math.isnan(result["metrics"][name]):
+                nan_metrics.append(metric)
+        n = out.get("n-samples", {}).get(task, {}).get("effective")
+        if n is not None:
+            result["n_samples"][task] = int(n)
+        if any(counts.values()):
+            result["unchecked"][task] = {**counts, "reason": utils.PUNKT_MISSING}
+        elif nan_metrics:
+            result["unchecked"][task] = {"reason": f"lm-eval returned no value for {', '.join(nan_metrics)}"}
+
+
+def _write(result: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "auto") -> dict[str, Any]:
+    """Run the configured tasks on ``ref``; see the module docstring for the returned dict."""
+    settings = eval_settings(eval_cfg)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    known = task_output_types()
+    unknown = [t for t in settings["tasks"] if t not in known]
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {unknown}; instructdiff defines {sorted(known)}")
+
+    result: dict[str, Any] = {"metrics": {}, "skipped": {}, "n_samples": {}, "unchecked": {}}
+    to_run = []
+    for task in settings["tasks"]:
+        reason = _skip_reason(task, known[task], settings)
+        if reason:
+            result["skipped"][task] = reason
+        else:
+            to_run.append(task)
+    result["settings"] = {**settings, "model": ref.name, "model_fingerprint": ref.fingerprint}
+
+    if to_run:
+        tokenizer = load_tokenizer(ref)
+        chat = _resolve_chat(settings["apply_chat_template"], tokenizer)
+        task_dir = render_tasks(work_dir / "tasks", "chat" if chat else "alpaca")
+        result["settings"].update(apply_chat_template=chat, prompt_style="chat" if chat else "alpaca")
+        model = load_model(ref, settings["dtype"], device)
+        try:
+            out = _simple_evaluate(make_lm(model, tokenizer, settings["batch_size"]), to_run, task_dir,
+                                   settings, chat, generates=any(known[t] == "generate_until" for t in to_run))
+        finally:
+            del model
+            gc.collect()
+            _empty_cuda_cache()
+        _collect(out, to_run, result)
+
+    _write(result, work_dir / "eval_results.json")
+    log.info("eval %s: %s (skipped: %s)", ref.name, result["metrics"], sorted(result["skipped"]))
+    return result
+
+
+def _simple_evaluate(lm: Any, tasks: list[str], task_dir: Path, settings: dict[str, Any], chat: bool,
+                     generates: bool) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    seed = int(settings["seed"])
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        # include_defaults=False: indexing lm-eval's thousands of built-in tasks costs seconds and none is used.
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        limit=settings["limit"],
+        num_fewshot=settings["num_fewshot"],
+        batch_size=int(settings["batch_size"]),
+        apply_chat_template=chat,
+        fewshot_as_multiturn=chat,
+        gen_kwargs={"max_gen_toks": int(settings["max_gen_toks"])} if generates else None,
+        # Bootstrapped stderrs would cost minutes for nothing the pipeline reads.
+        bootstrap_iters=0,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        confirm_run_unsafe_code=bool(settings["allow_code_execution"]),
+    )
+    if out is None:  # only on non-zero ranks, which this single-process stage never is
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    return out
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

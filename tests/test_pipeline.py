@@ -1,0 +1,133 @@
+"""End to end on the tiny model: every artifact written, reruns hit every cache, stages gate correctly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from instructdiff.data import DataError
+from instructdiff.pipeline import StageNotEnabled, run
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_end_to_end_writes_every_artifact_and_rerun_hits_every_cache(make_cfg, tmp_path):
+    cfg = make_cfg("eval=quick", "eval.limit=3", "eval.tasks=[id_gsm8k_bpb]")
+    first = run(cfg)
+    run_dir = tmp_path / "run"
+    for name in ("results.json", "selection.jsonl", "subset.jsonl", "manifest.json"):
+        assert (run_dir / name).is_file(), name
+
+    selection = _jsonl(run_dir / "selection.jsonl")
+    pool_ids = [r["id"] for r in selection]
+    assert len(pool_ids) == len(set(pool_ids)) == 48  # every pool row accounted for, once
+    statuses = {r["status"] for r in selection}
+    assert statuses <= {"selected", "not_selected", "dropped"}
+    selected = [r for r in selection if r["status"] == "selected"]
+    assert len(selected) == int(0.1 * 48)
+    assert all(r["reason"] for r in selection if r["status"] == "dropped")
+    assert all("delta_entropy" in r["scores"] for r in selection if r["status"] != "dropped")
+
+    subset = _jsonl(run_dir / "subset.jsonl")
+    assert len(subset) == len(selected)
+    assert set(subset[0]) == {"question", "answer"}  # the input's own (GSM8K) format
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["selection"]["counts"]["selected"] == len(selected)
+    assert {"base", "trained"} <= set(results["eval"])
+    bpb = results["eval"]["trained"]["metrics"]
+    assert any(k.startswith("id_gsm8k_bpb") for k in bpb)
+    assert [t["purpose"] for t in results["trainings"]] == ["calibration-warmup", "final"]
+    assert first["cache"]["misses"] > 0
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["code_hash"] and manifest["pool"]["fingerprint"] and manifest["base_model"]["fingerprint"]
+    assert manifest["config"]["model"]["name"] == "tiny"
+
+    second = run(make_cfg("eval=quick", "eval.limit=3", "eval.tasks=[id_gsm8k_bpb]", run_name="rerun"))
+    assert second["cache"]["misses"] == 0 and second["cache"]["hits"] >= 3
+    assert second["seconds"].get("train") is None and second["seconds"].get("score") is None
+    assert _jsonl(tmp_path / "rerun" / "selection.jsonl") == selection
+
+
+def test_calibration_changes_the_model_and_selection_uses_both_models(make_cfg, tmp_path):
+    results = run(make_cfg("pipeline.stages=[calibrate,score,select]"))
+    rows = [r for r in _jsonl(tmp_path / "run" / "selection.jsonl") if r["status"] != "dropped"]
+    deltas = [r["scores"]["delta_nll"] for r in rows]
+    assert max(abs(d) for d in deltas) > 1e-4, "the calibrated model should score differently from the base"
+    for r in rows:
+        s = r["scores"]
+        assert s["delta_entropy"] == pytest.approx(s["entropy_base"] - s["entropy_calibrated"])
+    chosen = [r["scores"]["delta_entropy"] for r in rows if r["status"] == "selected"]
+    rest = [r["scores"]["delta_entropy"] for r in rows if r["status"] == "not_selected"]
+    assert max(chosen) <= min(rest)  # lowest ΔH among the rows that survived the trim
+    assert "train" not in results["seconds"] and "eval" not in results
+
+
+def test_selection_only_writes_subset_and_does_not_train(make_cfg, tmp_path):
+    results = run(make_cfg("pipeline.stages=[calibrate,score,select]", "selector=random"))
+    assert (tmp_path / "run" / "subset.jsonl").is_file()
+    assert results["trainings"] == []
+
+
+def test_train_without_cached_selection_names_the_missing_stage(make_cfg):
+    with pytest.raises(StageNotEnabled, match="select"):
+        run(make_cfg("pipeline.stages=[train]"))
+
+
+def test_iterative_rounds_reuse_base_scores(make_cfg):
+    results = run(make_cfg("selector.rounds=2", "pipeline.stages=[calibrate,score,select]"))
+    passes = results["cache"]["score_store"]["passes"]
+    descs = [p["desc"] for p in passes]
+    assert descs.count("score base") == 1  # base scored once across both rounds
+    assert "score calibrated_r1" in descs and "score calibrated_r2" in descs
+    purposes = [t["purpose"] for t in results["trainings"]]
+    assert purposes == ["calibration-warmup", "selection-round1"]
+    assert [r["round"] for r in results["selection"]["rounds"]] == [1, 2]
+
+
+def test_bad_pool_line_names_file_and_line(make_cfg, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    good = json.dumps({"instruction": "Add 1 and 2.", "input": "", "response": "3"})
+    pool.write_text(good + "\n" + '{"instruction": "broken", "response": \n' + good + "\n")
+    with pytest.raises(DataError, match=r"pool\.jsonl:2"):
+        run(make_cfg(f"domain.pool_path={pool}", "pipeline.stages=[select]", "selector=random"))
+
+
+def test_user_pool_with_token_budget(make_cfg, tmp_path):
+    pool = tmp_path / "mine.jsonl"
+    with open(pool, "w") as fh:
+        for i in range(30):
+            fh.write(json.dumps({"instruction": f"Say {i}", "input": f"ctx {i}", "response": "ok " * (i + 1)}) + "\n")
+    results = run(make_cfg(f"domain.pool_path={pool}", "domain.pool_size=null", "selector=random",
+                           "selector.budget.unit=tokens", "selector.budget.fraction=0.2",
+                           "pipeline.stages=[select]"))
+    assert results["selection"]["n_pool"] == 30
+    subset = _jsonl(tmp_path / "run" / "subset.jsonl")
+    assert set(subset[0]) == {"instruction", "input", "response"}
+
+
+def test_wandb_offline_run_is_written(make_cfg, tmp_path):
+    results = run(make_cfg("logger=wandb", "pipeline.stages=[select]", "selector=random"))
+    assert "wandb sync" in results["wandb_sync"]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_cli_entry_point_runs(tmp_path, tiny_model_cache):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_cache / "models", cache / "models")
+    out = subprocess.run(
+        [sys.executable, "-m", "instructdiff", "model=tiny", "logger=none", "eval=none", "selector=random",
+         "domain.pool_size=20", "pipeline.stages=[select]", f"paths.output_root={tmp_path / 'o'}",
+         f"paths.cache_dir={cache}"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "selection: 2 selected" in out.stdout
+    assert len(list((tmp_path / "o" / "runs").rglob("subset.jsonl"))) == 1
