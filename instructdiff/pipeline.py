@@ -137,14 +137,27 @@ class Pipeline:
         return trained_ref(f"{self.base.name}+{purpose}", out, key)
 
     # -- score ---------------------------------------------------------------------------------------
-    def score(self, ref: ModelRef, desc: str) -> ScoreTable:
+    def rendered_variant(self, variant: str) -> list:
+        if variant == "conditioned":
+            return self.rendered
+        if variant == "unconditioned":
+            if not hasattr(self, "_unconditioned"):
+                by_id = {r.id: r for r in self.pool}
+                self._unconditioned = [self.renderer.unconditioned(by_id[r.id]) for r in self.rendered]
+            return self._unconditioned
+        raise ValueError(f"unknown scoring variant {variant!r}; expected conditioned | unconditioned")
+
+    def score(self, ref: ModelRef, desc: str, variant: str = "conditioned") -> ScoreTable:
+        dtype = str(self.cfg.score.dtype)
         settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
                     "max_batch_size": int(self.cfg.score.max_batch_size),
                     "checkpoint_every": int(self.cfg.score.checkpoint_every),
-                    "pad_id": int(self.tokenizer.pad_token_id), "dtype": "fp32"}
+                    "pad_id": int(self.tokenizer.pad_token_id), "dtype": dtype}
         # Batching changes the float summation order only within 1e-6; keep it out of the key so
         # a different batch size reuses scores.
-        key_settings = {"dtype": "fp32"}
+        key_settings = {"dtype": dtype}
+        rendered = self.rendered_variant(variant)
+        desc = desc if variant == "conditioned" else f"{desc} ({variant})"
         misses_before = self.store.misses
 
         def loader():
@@ -153,7 +166,7 @@ class Pipeline:
             return load_model(ref, dtype="float32", device=self.cfg.score.device)
 
         with self.timer.stage("score"):
-            table = self.store.response_stats(loader, ref.fingerprint, self.rendered, self.render_fp,
+            table = self.store.response_stats(loader, ref.fingerprint, rendered, self.render_fp,
                                               {**settings, "_key": key_settings}, desc=f"score {desc}")
         self.note_cache("score", ref.fingerprint, self.store.misses == misses_before, f"{desc} model scores")
         return table
@@ -215,9 +228,9 @@ class Pipeline:
             rows, report = load_pool(cfg.domain, self.seed)
             self.base = resolve_model(cfg.model, self.cache)
             self.tokenizer = load_tokenizer(self.base)
-            renderer = Renderer(self.tokenizer, **self.render_cfg)
-            self.render_fp = renderer.fingerprint
-            self.rendered, render_dropped = render_pool(renderer, rows)
+            self.renderer = Renderer(self.tokenizer, **self.render_cfg)
+            self.render_fp = self.renderer.fingerprint
+            self.rendered, render_dropped = render_pool(self.renderer, rows)
         kept = {r.id for r in self.rendered}
         self.pool = [r for r in rows if r.id in kept]
         self.pool_fp = fingerprint_rows(self.pool)

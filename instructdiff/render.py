@@ -109,6 +109,14 @@ class Renderer:
         completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
         return Rendered(row.id, list(prompt_ids), list(completion_ids))
 
+    def unconditioned(self, row: Row) -> Rendered:
+        """The same completion ids after a prompt with an empty instruction and input: the "direct answer"
+        context of IFD / Superfiltering (METHODS §2–§3), so both scores cover identical response tokens."""
+        empty = Row(row.id, "", "", row.response)
+        prompt, _ = self.texts(empty)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=self.template != "chat")["input_ids"]
+        return Rendered(row.id, list(prompt_ids), self(row).completion_ids)
+
     def prompt_ids(self, row: Row) -> list[int]:
         prompt, _ = self.texts(row)
         return list(self.tokenizer(prompt, add_special_tokens=self.template != "chat")["input_ids"])

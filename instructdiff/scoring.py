@@ -30,8 +30,11 @@ from instructdiff.rows import stable_hash
 
 log = logging.getLogger(__name__)
 
-RESPONSE_SIGNALS = ("nll", "entropy", "n_tokens")
-SCORING_VERSION = 1
+# first_token_entropy: entropy of the distribution over the first response token (logits at the last
+# prompt position, raw, no generation processors) — the complexity signal of METHODS §6.
+RESPONSE_SIGNALS = ("nll", "entropy", "n_tokens", "first_token_entropy")
+SCORING_VERSION = 2
+DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -78,8 +81,15 @@ def _decoder_and_head(model):
 
 
 @torch.inference_mode()
-def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int = 1024) -> np.ndarray:
-    """(len(batch), 3) array of nll, entropy, n_tokens for each rendered sample."""
+def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int = 1024,
+                dtype: str = "fp32") -> np.ndarray:
+    """(len(batch), 4) array of nll, entropy, n_tokens, first_token_entropy for each rendered sample.
+
+    dtype=bf16 runs the transformer body under bf16 autocast (AMX on recent CPUs, tensor cores on GPUs);
+    the LM head, log-softmax and entropy stay in fp32 either way.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"score.dtype must be one of {DTYPES}, got {dtype!r}")
     device = next(model.parameters()).device
     width = max(r.n_tokens for r in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -99,33 +109,42 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
     labels = ids[rows, cols + 1]
 
     body, head = _decoder_and_head(model)
-    if body is not None:
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-        selected = hidden[rows.to(device), cols.to(device)]
-        logits_fn = head
-    else:
-        full_logits = model(input_ids=ids, attention_mask=mask).logits
-        selected = full_logits[rows.to(device), cols.to(device)]
-        logits_fn = None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        if body is not None:
+            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            selected = hidden[rows.to(device), cols.to(device)].float()
+            logits_fn = head
+        else:
+            full_logits = model(input_ids=ids, attention_mask=mask).logits
+            selected = full_logits[rows.to(device), cols.to(device)].float()
+            logits_fn = None
 
     token_nll = torch.empty(len(rows), dtype=torch.float32, device=device)
     token_ent = torch.empty(len(rows), dtype=torch.float32, device=device)
     for s in range(0, len(rows), chunk_positions):
         chunk = selected[s : s + chunk_positions]
-        logits = (logits_fn(chunk) if logits_fn is not None else chunk).float()
+        logits = (_head_fp32(logits_fn, chunk) if logits_fn is not None else chunk).float()
         logp = torch.log_softmax(logits, dim=-1)
         token_nll[s : s + chunk_positions] = -logp.gather(1, labels[s : s + chunk_positions, None]).squeeze(1)
         token_ent[s : s + chunk_positions] = -(logp.exp() * logp).sum(-1)
 
-    out = np.empty((len(batch), 3), dtype=np.float64)
+    out = np.empty((len(batch), len(RESPONSE_SIGNALS)), dtype=np.float64)
     start = 0
     for b, tp in enumerate(target_pos):
         n = len(tp)
         out[b, 0] = token_nll[start : start + n].double().mean().item() if n else float("nan")
         out[b, 1] = token_ent[start : start + n].double().mean().item() if n else float("nan")
         out[b, 2] = n
+        out[b, 3] = token_ent[start].item() if n else float("nan")
         start += n
     return out
+
+
+def _head_fp32(head, hidden: torch.Tensor) -> torch.Tensor:
+    """The vocabulary projection in fp32 whatever the weights' dtype (logits feed log-softmax)."""
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    return torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
 
 
 class ScoreStore:
@@ -192,7 +211,7 @@ class ScoreStore:
         bar = tqdm(total=len(rendered), initial=len(done), desc=desc, unit="sample", dynamic_ncols=True)
         for n_batch, batch_idx in enumerate(batches, 1):
             batch = [todo[k] for k in batch_idx]
-            vals = score_batch(model, batch, pad_id)
+            vals = score_batch(model, batch, pad_id, dtype=str(settings.get("dtype", "fp32")))
             for r, v in zip(batch, vals, strict=True):
                 done[r.id] = v
             bar.update(len(batch))
@@ -201,7 +220,7 @@ class ScoreStore:
                 self._write(partial, ids, np.stack([done[i] for i in ids]))
         bar.close()
         ids = [r.id for r in rendered]
-        values = np.stack([done[i] for i in ids]) if ids else np.zeros((0, 3))
+        values = np.stack([done[i] for i in ids]) if ids else np.zeros((0, len(RESPONSE_SIGNALS)))
         self._write(path, ids, values)
         partial.unlink(missing_ok=True)
         n_bad = int((~np.isfinite(values[:, :2])).any(axis=1).sum()) if len(ids) else 0

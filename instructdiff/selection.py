@@ -119,7 +119,9 @@ class SelectionContext:
     rng: np.random.Generator
     seed: int
     base: ModelRef
-    score: Callable[[ModelRef, str], ScoreTable]  # (model, description) -> nll/entropy/n_tokens table
+    # (model, description[, variant]) -> ScoreTable of nll / entropy / n_tokens / first_token_entropy;
+    # variant "unconditioned" scores the same response after an empty instruction (IFD's direct answer)
+    score: Callable[..., ScoreTable]
     calibrate: Callable[[list[Row], str], ModelRef]  # (warmup rows, description) -> calibrated model
     train: Callable[[list[Row], str], ModelRef]  # (selected rows, description) -> model trained from base
     log: Callable[[str], None] = print

@@ -201,3 +201,14 @@ def test_fingerprint_stable_and_sensitive(tok: Any) -> None:
 def test_unknown_template_raises(tok: Any) -> None:
     with pytest.raises(ValueError, match="unknown template"):
         Renderer(tok, "vicuna")
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_unconditioned_keeps_completion_and_drops_instruction(tok: Any, template: str) -> None:
+    renderer = Renderer(tok, template)
+    row = row_with_input()
+    full, direct = renderer(row), renderer.unconditioned(row)
+    assert direct.completion_ids == full.completion_ids  # IFD compares losses over identical tokens
+    prompt = dec(tok, direct.prompt_ids)
+    assert "Add the two numbers" not in prompt and "first 12" not in prompt
+    assert len(direct.prompt_ids) < len(full.prompt_ids) and direct.prompt_ids
