@@ -18,6 +18,7 @@ Prompts follow the training renderer: with a chat template the task's user turn 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -62,7 +63,9 @@ def eval_settings(eval_cfg: Any) -> dict[str, Any]:
 
         given = OmegaConf.to_container(eval_cfg, resolve=True) if OmegaConf.is_config(eval_cfg) else dict(eval_cfg)
     settings = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
-    settings["tasks"] = list(dict.fromkeys(settings["tasks"] or []))
+    tasks = settings["tasks"] or []
+    # `eval.tasks=id_gsm8k` on the command line arrives as a string, not a one-item list.
+    settings["tasks"] = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
     return settings
 
 
@@ -77,6 +80,15 @@ def task_output_types() -> dict[str, str]:
         if name and kind:
             types[name.group(1)] = kind.group(1)
     return types
+
+
+def task_files_fingerprint() -> str:
+    """Hash of the task YAMLs and utils.py: an eval cache key must change when a prompt or metric does."""
+    h = hashlib.sha256()
+    for path in sorted(TASKS_SRC.glob("*.yaml")) + [TASKS_SRC / "utils.py"]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def render_tasks(dest: str | Path, prompt_style: str = "chat") -> Path:
@@ -217,7 +229,8 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
             result["skipped"][task] = reason
         else:
             to_run.append(task)
-    result["settings"] = {**settings, "model": ref.name, "model_fingerprint": ref.fingerprint}
+    result["settings"] = {**settings, "model": ref.name, "model_fingerprint": ref.fingerprint,
+                          "task_files": task_files_fingerprint()}
 
     if to_run:
         tokenizer = load_tokenizer(ref)

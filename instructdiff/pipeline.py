@@ -221,26 +221,32 @@ class Pipeline:
                 return evaluate_model(ref, self.cfg.eval, out, device=self.cfg.score.device)
 
     # -- whole run -----------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def prepare(self) -> None:
+        """Load and render the pool, resolve the base model: what every stage needs."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         with self.timer.stage("data"):
-            rows, report = load_pool(cfg.domain, self.seed)
+            rows, self.report = load_pool(cfg.domain, self.seed)
             self.base = resolve_model(cfg.model, self.cache)
             self.tokenizer = load_tokenizer(self.base)
             self.renderer = Renderer(self.tokenizer, **self.render_cfg)
             self.render_fp = self.renderer.fingerprint
-            self.rendered, render_dropped = render_pool(self.renderer, rows)
+            self.rendered, self.render_dropped = render_pool(self.renderer, rows)
+        self.rows = rows
         kept = {r.id for r in self.rendered}
         self.pool = [r for r in rows if r.id in kept]
         self.pool_fp = fingerprint_rows(self.pool)
         self.response_tokens = {r.id: len(r.completion_ids) for r in self.rendered}
         self.store = ScoreStore(self.cache / "scores")
-        self.say(f"pool: {len(self.pool)} rows ({report.n_read} read, {len(report.dropped)} dropped on load, "
-                 f"{len(render_dropped)} dropped by the renderer)")
+        self.say(f"pool: {len(self.pool)} rows ({self.report.n_read} read, {len(self.report.dropped)} dropped "
+                 f"on load, {len(self.render_dropped)} dropped by the renderer)")
         if not self.pool:
             raise ValueError("every pool row was dropped; see the reasons above")
 
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        rows, report, render_dropped = self.rows, self.report, self.render_dropped
         selector: Selector = _instantiate_selector(cfg.selector)
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "domain": cfg.domain.name,
                                    "model": self.base.name, "selector": type(selector).__name__,

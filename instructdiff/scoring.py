@@ -71,6 +71,15 @@ def length_batches(items: list[Rendered], max_tokens: int, max_batch: int) -> It
         yield batch
 
 
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _decoder_and_head(model):
     """The transformer body and the vocabulary projection, so logits are computed only where needed."""
     body = getattr(model, model.base_model_prefix, None)
@@ -172,6 +181,9 @@ class ScoreStore:
         pool_fp = stable_hash([(r.id, len(r.prompt_ids), len(r.completion_ids)) for r in rendered])
         key = self.key(model_fp, pool_fp, render_fp, "response_stats", settings.get("_key", settings))
         path = self.root / f"{key}.npz"
+        rank, world = dist_info()
+        if world > 1:
+            return self._distributed(model_loader, rendered, settings, path, key, desc, rank, world)
         with FileLock(str(path) + ".lock"):
             if path.exists():
                 self.hits += 1
@@ -184,6 +196,34 @@ class ScoreStore:
             self.passes.append({"desc": desc, "key": key, "samples": len(rendered), "tokens": n_tok,
                                 "seconds": round(time.time() - t0, 3)})
             return table
+
+    def _distributed(self, model_loader, rendered: list[Rendered], settings: dict, path: Path, key: str,
+                     desc: str, rank: int, world: int) -> ScoreTable:
+        """torchrun: rank r scores every world-th sample (after a length sort, so shards cost the same),
+        rank 0 gathers and writes the table; the merged table equals a single process's."""
+        import torch.distributed as dist
+
+        if path.exists():
+            self.hits += 1
+            return self._read(path)
+        self.misses += 1
+        t0 = time.time()
+        order = sorted(range(len(rendered)), key=lambda k: (rendered[k].n_tokens, rendered[k].id))
+        shard = [rendered[k] for k in order[rank::world]]
+        part_path = path.with_name(f"{path.stem}.rank{rank}of{world}.npz")
+        part = (self._read(part_path) if part_path.exists() else
+                self._compute(model_loader(), shard, settings, part_path, f"{desc} [rank {rank}/{world}]"))
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (part.ids, np.stack([part.values[s] for s in RESPONSE_SIGNALS], 1)))
+        if rank == 0:
+            merged = {i: v for ids, vals in gathered for i, v in zip(ids, vals, strict=True)}
+            ids = [r.id for r in rendered]
+            self._write(path, ids, np.stack([merged[i] for i in ids]))
+        dist.barrier()
+        part_path.unlink(missing_ok=True)
+        self.passes.append({"desc": desc, "key": key, "samples": len(rendered), "world_size": world,
+                            "seconds": round(time.time() - t0, 3)})
+        return self._read(path)
 
     @staticmethod
     def _read(path: Path) -> ScoreTable:

@@ -28,6 +28,7 @@ from instructdiff.evaluate import (
     evaluate_model,
     make_lm,
     render_tasks,
+    task_files_fingerprint,
     task_output_types,
 )
 from instructdiff.lm_eval_tasks import utils
@@ -120,6 +121,7 @@ def test_evaluate_model_bpb_and_multiple_choice(tiny_ref: ModelRef, tmp_path: Pa
     assert 0.0 <= m["id_medqa/acc"] <= 1.0 and 0.0 <= m["id_medqa/acc_norm"] <= 1.0
     assert result["n_samples"] == {"id_gsm8k_bpb": 4, "id_medqa": 4}
     assert result["skipped"] == {"id_humaneval": CODE_OFF}
+    assert result["settings"]["task_files"] == task_files_fingerprint()
     assert result["settings"]["apply_chat_template"] is True  # the tiny tokenizer has a chat template
     on_disk = json.loads((tmp_path / "eval_results.json").read_text())
     assert on_disk["metrics"] == m and on_disk["n_samples"] == result["n_samples"]
@@ -168,6 +170,7 @@ def test_quick_and_none_configs(tmp_path: Path) -> None:
         default = compose("config", overrides=["domain=medical"]).eval
     assert list(default.tasks) == ["id_medqa", "id_medqa_bpb"] and default.limit == 100
     assert quick.limit == 50 and quick.loglikelihood_only is True and quick.batch_size == default.batch_size
+    assert eval_settings({"tasks": "id_gsm8k"})["tasks"] == ["id_gsm8k"]
     assert set(eval_settings(default)) >= {"tasks", "limit", "batch_size", "max_gen_toks", "apply_chat_template",
                                            "allow_code_execution", "num_fewshot", "dtype", "seed"}
 
