@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "seed": 0,
     "loglikelihood_only": False,
+    "generation_limit": None,
 }
 
 
@@ -238,14 +239,20 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
         task_dir = render_tasks(work_dir / "tasks", "chat" if chat else "alpaca")
         result["settings"].update(apply_chat_template=chat, prompt_style="chat" if chat else "alpaca")
         model = load_model(ref, settings["dtype"], device)
+        # Generation costs ~100x a log-likelihood item on a CPU, so it gets its own limit.
+        gen_limit = settings["generation_limit"] if settings["generation_limit"] is not None else settings["limit"]
+        groups = [([t for t in to_run if known[t] != "generate_until"], settings["limit"], False),
+                  ([t for t in to_run if known[t] == "generate_until"], gen_limit, True)]
         try:
-            out = _simple_evaluate(make_lm(model, tokenizer, settings["batch_size"]), to_run, task_dir,
-                                   settings, chat, generates=any(known[t] == "generate_until" for t in to_run))
+            lm = make_lm(model, tokenizer, settings["batch_size"])
+            for tasks, limit, generates in groups:
+                if tasks:
+                    out = _simple_evaluate(lm, tasks, task_dir, {**settings, "limit": limit}, chat, generates)
+                    _collect(out, tasks, result)
         finally:
             del model
             gc.collect()
             _empty_cuda_cache()
-        _collect(out, to_run, result)
 
     _write(result, work_dir / "eval_results.json")
     log.info("eval %s: %s (skipped: %s)", ref.name, result["metrics"], sorted(result["skipped"]))

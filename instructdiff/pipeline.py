@@ -107,6 +107,7 @@ class Pipeline:
         self.render_cfg = {"template": cfg.render.template, "system_prompt": cfg.render.system_prompt,
                            "max_length": cfg.domain.get("max_length")}
         self.trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        self._renderers: dict[str, tuple] = {}
 
     def say(self, msg: str) -> None:
         log.info(msg)
@@ -137,26 +138,24 @@ class Pipeline:
         return trained_ref(f"{self.base.name}+{purpose}", out, key)
 
     # -- score ---------------------------------------------------------------------------------------
-    def rendered_variant(self, variant: str) -> list:
-        if variant == "conditioned":
-            return self.rendered
-        if variant == "unconditioned":
-            if not hasattr(self, "_unconditioned"):
-                by_id = {r.id: r for r in self.pool}
-                self._unconditioned = [self.renderer.unconditioned(by_id[r.id]) for r in self.rendered]
-            return self._unconditioned
-        raise ValueError(f"unknown scoring variant {variant!r}; expected conditioned | unconditioned")
-
     def score(self, ref: ModelRef, desc: str, variant: str = "conditioned") -> ScoreTable:
         dtype = str(self.cfg.score.dtype)
         settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
                     "max_batch_size": int(self.cfg.score.max_batch_size),
                     "checkpoint_every": int(self.cfg.score.checkpoint_every),
-                    "pad_id": int(self.tokenizer.pad_token_id), "dtype": dtype}
+                    "pad_id": int(self.renderer_for(ref)[0].tokenizer.pad_token_id), "dtype": dtype}
         # Batching changes the float summation order only within 1e-6; keep it out of the key so
         # a different batch size reuses scores.
         key_settings = {"dtype": dtype}
-        rendered = self.rendered_variant(variant)
+        renderer, rendered, render_fp = self.renderer_for(ref)
+        if variant == "unconditioned":
+            by_id = {r.id: r for r in self.pool}
+            key = ("unconditioned", render_fp)
+            if key not in self._renderers:
+                self._renderers[key] = [renderer.unconditioned(by_id[r.id]) for r in rendered]
+            rendered = self._renderers[key]
+        elif variant != "conditioned":
+            raise ValueError(f"unknown scoring variant {variant!r}; expected conditioned | unconditioned")
         desc = desc if variant == "conditioned" else f"{desc} ({variant})"
         misses_before = self.store.misses
 
@@ -166,10 +165,55 @@ class Pipeline:
             return load_model(ref, dtype="float32", device=self.cfg.score.device)
 
         with self.timer.stage("score"):
-            table = self.store.response_stats(loader, ref.fingerprint, rendered, self.render_fp,
+            table = self.store.response_stats(loader, ref.fingerprint, rendered, render_fp,
                                               {**settings, "_key": key_settings}, desc=f"score {desc}")
         self.note_cache("score", ref.fingerprint, self.store.misses == misses_before, f"{desc} model scores")
         return table
+
+    def renderer_for(self, ref: ModelRef) -> tuple[Renderer, list, str]:
+        """(renderer, rendered pool, render fingerprint) for a model's tokenizer; the base's when they match."""
+        if ref.fingerprint == self.base.fingerprint or ref.path.startswith(str(self.cache / "models" / "trained-")):
+            return self.renderer, self.rendered, self.render_fp
+        cached = self._renderers.get(ref.fingerprint)
+        if cached is None:
+            tok = load_tokenizer(ref)
+            renderer = Renderer(tok, template=self.render_cfg["template"],
+                                system_prompt=self.render_cfg["system_prompt"], max_length=None)
+            by_id = {r.id: r for r in self.pool}
+            cached = (renderer, [renderer(by_id[r.id]) for r in self.rendered], renderer.fingerprint)
+            self._renderers[ref.fingerprint] = cached
+        return cached
+
+    def signal(self, ref: ModelRef, name: str, **options) -> dict:
+        """A registered signal (instructdiff.signals) of ``ref`` over the pool, computed once and cached."""
+        from instructdiff.signals import SignalInputs, get_signal
+
+        fn = get_signal(name)
+        renderer, rendered, render_fp = self.renderer_for(ref)
+
+        def compute() -> dict:
+            if "score" not in self.stages:
+                raise StageNotEnabled(f"signal {name} of {ref.name} is not cached and 'score' is not in "
+                                      "pipeline.stages")
+            model = load_model(ref, dtype="float32", device=self.cfg.score.device)
+            inputs = SignalInputs(model, renderer.tokenizer, renderer, self.pool, rendered,
+                                  next(model.parameters()).device, self.seed)
+            return fn(inputs, options)
+
+        with self.timer.stage("score"):
+            return self.store.arrays(ref.fingerprint, self.pool_fp, render_fp, name,
+                                     {k: options[k] for k in sorted(options)}, compute, f"{name} of {ref.name}")
+
+    def resolve_selector_model(self, selector: Selector) -> ModelRef:
+        if not selector.model:
+            return self.base
+        from instructdiff import CONF_DIR
+
+        path = CONF_DIR / "model" / f"{selector.model}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+            raise ValueError(f"selector.model={selector.model!r} is not a model config; known: {known}")
+        return resolve_model(OmegaConf.load(path), self.cache)
 
     # -- select --------------------------------------------------------------------------------------
     def select(self, selector: Selector) -> Selection:
@@ -192,6 +236,7 @@ class Pipeline:
             seed=self.seed, base=self.base, score=self.score,
             calibrate=lambda rows, purpose: self.train_model(rows, f"calibration-{purpose}", "calibrate"),
             train=lambda rows, purpose: self.train_model(rows, f"selection-{purpose}", "calibrate"),
+            signal=self.signal, selector_model=self.resolve_selector_model(selector),
             log=self.say,
         )
         t0 = time.time()
@@ -205,10 +250,14 @@ class Pipeline:
 
     # -- eval ----------------------------------------------------------------------------------------
     def evaluate(self, ref: ModelRef, label: str) -> dict:
-        from instructdiff.evaluate import evaluate_model
+        from instructdiff.evaluate import evaluate_model, task_files_fingerprint
 
         eval_cfg = OmegaConf.to_container(self.cfg.eval, resolve=True)
-        key = stable_hash({"model": ref.fingerprint, "eval": eval_cfg, "v": STAGE_VERSIONS["eval"]})
+        if self.renderer.template != "chat":
+            # evaluate with the prompt format the model was trained on
+            eval_cfg["apply_chat_template"] = False
+        key = stable_hash({"model": ref.fingerprint, "eval": eval_cfg, "tasks": task_files_fingerprint(),
+                           "v": STAGE_VERSIONS["eval"]})
         out = self.cache / "eval" / key
         result_path = out / "eval_results.json"
         with FileLock(str(out) + ".lock"):
@@ -218,7 +267,7 @@ class Pipeline:
             self.note_cache("eval", key, False, f"{label} model evaluation")
             out.mkdir(parents=True, exist_ok=True)
             with self.timer.stage("eval"):
-                return evaluate_model(ref, self.cfg.eval, out, device=self.cfg.score.device)
+                return evaluate_model(ref, OmegaConf.create(eval_cfg), out, device=self.cfg.score.device)
 
     # -- whole run -----------------------------------------------------------------------------------
     def prepare(self) -> None:

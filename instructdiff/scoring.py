@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +267,29 @@ class ScoreStore:
         if n_bad:
             log.warning("%s: %d samples have non-finite scores (kept as NaN, counted downstream)", desc, n_bad)
         return ScoreTable(ids, {s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
+
+    def arrays(self, model_fp: str, pool_fp: str, render_fp: str, kind: str, options: dict,
+               compute: Callable[[], dict[str, np.ndarray]], desc: str) -> dict[str, np.ndarray]:
+        """A named signal of any shape (activation tags, embeddings, gradient norms…), computed once.
+
+        ``compute()`` returns arrays whose first axis is the pool order; they are stored as one ``.npz``.
+        """
+        key = self.key(model_fp, pool_fp, render_fp, kind, options)
+        path = self.root / f"{kind}-{key}.npz"
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                self.hits += 1
+                log.info("%s: cache hit %s", desc, path.name)
+                with np.load(path, allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
+            self.misses += 1
+            t0 = time.time()
+            arrays = compute()
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+            self.passes.append({"desc": desc, "key": key, "kind": kind, "seconds": round(time.time() - t0, 3)})
+            return arrays
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "passes": self.passes}

@@ -124,6 +124,10 @@ class SelectionContext:
     score: Callable[..., ScoreTable]
     calibrate: Callable[[list[Row], str], ModelRef]  # (warmup rows, description) -> calibrated model
     train: Callable[[list[Row], str], ModelRef]  # (selected rows, description) -> model trained from base
+    # (model, signal name, **options) -> dict of arrays in pool order (instructdiff.signals), cached
+    signal: Callable[..., dict[str, np.ndarray]] | None = None
+    # the model a selector scores with: selector.model (a conf/model name) or, by default, the base model
+    selector_model: ModelRef | None = None
     log: Callable[[str], None] = print
 
     @property
@@ -146,8 +150,10 @@ class Selector(ABC):
     #: does the pipeline need the calibrate/score stages for this selector?
     uses_models: bool = False
 
-    def __init__(self, budget: Any = None) -> None:
+    def __init__(self, budget: Any = None, model: str | None = None) -> None:
         self.budget = Budget.from_cfg(budget if budget is not None else {})
+        #: conf/model/<name>.yaml of the model this selector scores with; None = the target (base) model
+        self.model = model
 
     @abstractmethod
     def select(self, ctx: SelectionContext) -> Selection: ...

@@ -67,7 +67,7 @@ class InstructDiffSelector(Selector):
 
     def __init__(self, budget: Any = None, warmup_ratio: float = 0.1, nll_trim: float = 0.1, rounds: int = 1,
                  exclude_warmup: bool = False, warmup_seed: int | None = None) -> None:
-        super().__init__(budget)
+        super().__init__(budget)  # InstructDiff calibrates and scores the target model itself
         if not 0.0 < warmup_ratio <= 1.0:
             raise ValueError(f"selector.warmup_ratio must be in (0, 1], got {warmup_ratio}")
         if int(rounds) < 1:

