@@ -157,7 +157,9 @@ class Pipeline:
         elif variant != "conditioned":
             raise ValueError(f"unknown scoring variant {variant!r}; expected conditioned | unconditioned")
         desc = desc if variant == "conditioned" else f"{desc} ({variant})"
-        misses_before = self.store.misses
+        settings = {**settings, "_key": key_settings}
+        cached = self.store.response_path(ref.fingerprint, rendered, render_fp, settings).exists()
+        self.note_cache("score", ref.fingerprint, cached, f"{desc} model scores")
 
         def loader():
             if "score" not in self.stages:
@@ -165,10 +167,8 @@ class Pipeline:
             return load_model(ref, dtype="float32", device=self.cfg.score.device)
 
         with self.timer.stage("score"):
-            table = self.store.response_stats(loader, ref.fingerprint, rendered, render_fp,
-                                              {**settings, "_key": key_settings}, desc=f"score {desc}")
-        self.note_cache("score", ref.fingerprint, self.store.misses == misses_before, f"{desc} model scores")
-        return table
+            return self.store.response_stats(loader, ref.fingerprint, rendered, render_fp, settings,
+                                             desc=f"score {desc}")
 
     def renderer_for(self, ref: ModelRef) -> tuple[Renderer, list, str]:
         """(renderer, rendered pool, render fingerprint) for a model's tokenizer; the base's when they match."""
@@ -353,6 +353,8 @@ class Pipeline:
             "instructdiff_version": __version__, "code_hash": code_hash(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "base_model": {"name": self.base.name, "path": self.base.path, "fingerprint": self.base.fingerprint},
+            "data_files": {f: _sha256(f) for f in sorted({r.meta["source_file"] for r in self.rows
+                                                             if "source_file" in r.meta})},
             "pool": {"fingerprint": self.pool_fp, "render_fingerprint": self.render_fp,
                      "report": report.to_dict() if hasattr(report, "to_dict") else str(report),
                      "n_dropped_by_renderer": len(render_dropped)},
@@ -361,6 +363,14 @@ class Pipeline:
                          "transformers": transformers.__version__, "trl": trl.__version__},
         }
         _atomic_write_json(self.run_dir / "manifest.json", manifest)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _instantiate_selector(selector_cfg: DictConfig) -> Selector:

@@ -175,12 +175,16 @@ class ScoreStore:
         return stable_hash({"model": model_fp, "pool": pool_fp, "render": render_fp, "kind": kind,
                             "settings": settings, "v": SCORING_VERSION})
 
+    def response_path(self, model_fp: str, rendered: list[Rendered], render_fp: str, settings: dict) -> Path:
+        pool_fp = stable_hash([(r.id, len(r.prompt_ids), len(r.completion_ids)) for r in rendered])
+        key = self.key(model_fp, pool_fp, render_fp, "response_stats", settings.get("_key", settings))
+        return self.root / f"{key}.npz"
+
     def response_stats(self, model_loader, model_fp: str, rendered: list[Rendered], render_fp: str,
                        settings: dict, desc: str = "scoring") -> ScoreTable:
         """nll / entropy / n_tokens of every rendered sample; ``model_loader()`` runs only on a miss."""
-        pool_fp = stable_hash([(r.id, len(r.prompt_ids), len(r.completion_ids)) for r in rendered])
-        key = self.key(model_fp, pool_fp, render_fp, "response_stats", settings.get("_key", settings))
-        path = self.root / f"{key}.npz"
+        path = self.response_path(model_fp, rendered, render_fp, settings)
+        key = path.stem
         rank, world = dist_info()
         if world > 1:
             return self._distributed(model_loader, rendered, settings, path, key, desc, rank, world)

@@ -48,6 +48,9 @@ def test_end_to_end_writes_every_artifact_and_rerun_hits_every_cache(make_cfg, t
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["code_hash"] and manifest["pool"]["fingerprint"] and manifest["base_model"]["fingerprint"]
     assert manifest["config"]["model"]["name"] == "tiny"
+    (data_file, digest), = manifest["data_files"].items()
+    assert data_file.endswith("gsm8k/train.jsonl")
+    assert digest == "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"  # data/math/SOURCES.md
 
     second = run(make_cfg("eval=quick", "eval.limit=3", "eval.tasks=[id_gsm8k_bpb]", run_name="rerun"))
     assert second["cache"]["misses"] == 0 and second["cache"]["hits"] >= 3
