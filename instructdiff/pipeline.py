@@ -220,7 +220,7 @@ class Pipeline:
         selector_cfg = OmegaConf.to_container(self.cfg.selector, resolve=True)
         key = stable_hash({"pool": self.pool_fp, "base": self.base.fingerprint, "render": self.render_fp,
                            "selector": selector_cfg, "seed": self.seed, "v": STAGE_VERSIONS["select"],
-                           "trainer": self.trainer_cfg if selector.uses_models else None})
+                           "trainer": self.trainer_cfg if selector.uses_training else None})
         path = self.cache / "selections" / f"{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():

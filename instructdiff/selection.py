@@ -147,8 +147,10 @@ class Selector(ABC):
     """Base class of selector plugins; subclasses are instantiated by Hydra from conf/selector/*.yaml."""
 
     name: str = "selector"
-    #: does the pipeline need the calibrate/score stages for this selector?
+    #: does the selector score with a model (informational: model-free selectors skip model loading)?
     uses_models: bool = False
+    #: does it fine-tune models (ctx.calibrate / ctx.train)? Then the trainer config is part of its cache key.
+    uses_training: bool = False
 
     def __init__(self, budget: Any = None, model: str | None = None) -> None:
         self.budget = Budget.from_cfg(budget if budget is not None else {})

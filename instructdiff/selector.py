@@ -64,6 +64,7 @@ def instructdiff_select(ids: list[str], delta_nll: np.ndarray, delta_entropy: np
 class InstructDiffSelector(Selector):
     name = "instructdiff"
     uses_models = True
+    uses_training = True
 
     def __init__(self, budget: Any = None, warmup_ratio: float = 0.1, nll_trim: float = 0.1, rounds: int = 1,
                  exclude_warmup: bool = False, warmup_seed: int | None = None) -> None:
