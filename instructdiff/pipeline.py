@@ -118,7 +118,8 @@ class Pipeline:
 
     # -- calibrate / train ---------------------------------------------------------------------------
     def train_model(self, rows: list[Row], purpose: str, stage: str) -> ModelRef:
-        key = stable_hash({"base": self.base.fingerprint, "rows": [r.id for r in rows], "render": self.render_fp,
+        key = stable_hash({"base": self.base.fingerprint, "rows": [r.id for r in rows],
+                           "texts": stable_hash([r.response for r in rows]), "render": self.render_fp,
                            "trainer": self.trainer_cfg, "seed": self.seed, "v": STAGE_VERSIONS["train"]})
         out = self.cache / "models" / f"trained-{key}"
         with FileLock(str(out) + ".lock"):
@@ -248,6 +249,38 @@ class Pipeline:
                                   "scores": selection.scores, "stats": selection.stats})
         return selection
 
+    def complexity_aware_rows(self, rows: list[Row]) -> tuple[list[Row], dict]:
+        """Complexity-aware training (arXiv 2506.21220, METHODS §6), offline form: easy and medium rows train
+        on the final answer only, hard rows on the full chain of thought. Bands are the pool quartiles of the
+        base model's first-answer-token entropy; ``domain.answer_marker`` splits reasoning from the answer."""
+        from baselines.complexity import BANDS, complexity_bands
+
+        marker = self.cfg.domain.get("answer_marker")
+        if not marker:
+            raise ValueError(f"trainer.complexity_aware needs domain.answer_marker (the string before the final "
+                             f"answer, e.g. GSM8K's '####'); domain {self.cfg.domain.name} has none")
+        table = self.score(self.base, "base")
+        h = table.aligned("first_token_entropy", [r.id for r in self.pool])
+        finite = np.isfinite(h)
+        _, codes, q25, q75 = complexity_bands(h[finite])
+        band_of = dict(zip([r.id for r, ok in zip(self.pool, finite) if ok], codes.tolist(), strict=True))
+        out, counts = [], {"easy": 0, "medium": 0, "hard": 0, "no_band": 0, "answer_only": 0, "no_marker": 0}
+        for r in rows:
+            band = band_of.get(r.id)
+            counts[BANDS[band] if band is not None else "no_band"] += 1
+            if band is None or BANDS[band] == "hard":
+                out.append(r)
+                continue
+            cut = r.response.rfind(marker)
+            if cut < 0:
+                counts["no_marker"] += 1  # nothing to shorten: trained on the full response, and counted
+                out.append(r)
+                continue
+            counts["answer_only"] += 1
+            out.append(Row(r.id, r.instruction, r.input, r.response[cut:].strip(), r.meta))
+        self.say(f"complexity-aware training: {counts}")
+        return out, {**counts, "q25": q25, "q75": q75}
+
     # -- eval ----------------------------------------------------------------------------------------
     def evaluate(self, ref: ModelRef, label: str) -> dict:
         from instructdiff.evaluate import evaluate_model, task_files_fingerprint
@@ -310,9 +343,11 @@ class Pipeline:
             results["selection"].pop("warmup_ids", None)
         trained = None
         if "train" in self.stages:
-            chosen = [r for r in self.pool if r.id in set(selection.selected)]
-            by_id = {r.id: r for r in chosen}
-            trained = self.train_model([by_id[i] for i in selection.selected], "final", "train")
+            by_id = {r.id: r for r in self.pool}
+            train_rows = [by_id[i] for i in selection.selected]
+            if cfg.trainer.get("complexity_aware"):
+                train_rows, results["complexity_aware"] = self.complexity_aware_rows(train_rows)
+            trained = self.train_model(train_rows, "final", "train")
         results["trainings"] = self.trainings
         if "eval" in self.stages:
             results["eval"] = {"base": self.evaluate(self.base, "base")}

@@ -134,3 +134,26 @@ def test_cli_entry_point_runs(tmp_path, tiny_model_cache):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "selection: 2 selected" in out.stdout
     assert len(list((tmp_path / "o" / "runs").rglob("subset.jsonl"))) == 1
+
+
+def test_complexity_aware_training_shortens_easy_and_medium_rows(make_cfg, tmp_path, monkeypatch):
+    import instructdiff.pipeline as pipeline_module
+
+    trained_on = []
+    real = pipeline_module.Pipeline.train_model
+
+    def spy(self, rows, purpose, stage):
+        trained_on.append((purpose, rows))
+        return real(self, rows, purpose, stage)
+
+    monkeypatch.setattr(pipeline_module.Pipeline, "train_model", spy)
+    results = run(make_cfg("selector=random", "selector.budget.fraction=0.5", "trainer.complexity_aware=true",
+                           "trainer.epochs=1", "pipeline.stages=[calibrate,score,select,train]"))
+    info = results["complexity_aware"]
+    assert info["easy"] + info["medium"] + info["hard"] == 24
+    assert info["answer_only"] == info["easy"] + info["medium"] > 0 and info["hard"] > 0
+    (purpose, rows), = trained_on
+    short = [r for r in rows if r.response.startswith("####")]
+    assert len(short) == info["answer_only"]  # only the final answer, e.g. "#### 72"
+    assert all("\n" not in r.response for r in short)
+    assert sum(r.response.count("\n") > 0 for r in rows) == info["hard"]
