@@ -263,7 +263,7 @@ class Pipeline:
         h = table.aligned("first_token_entropy", [r.id for r in self.pool])
         finite = np.isfinite(h)
         _, codes, q25, q75 = complexity_bands(h[finite])
-        band_of = dict(zip([r.id for r, ok in zip(self.pool, finite) if ok], codes.tolist(), strict=True))
+        band_of = dict(zip([r.id for r, ok in zip(self.pool, finite, strict=True) if ok], codes.tolist(), strict=True))
         out, counts = [], {"easy": 0, "medium": 0, "hard": 0, "no_band": 0, "answer_only": 0, "no_marker": 0}
         for r in rows:
             band = band_of.get(r.id)

@@ -33,7 +33,7 @@ def child(model: str, size: int, cache: str) -> dict:
     from instructdiff.scoring import ScoreStore
 
     rows = []
-    for k, row in enumerate(load_source("math/gsm8k/train.jsonl", "gsm8k")):
+    for row in load_source("math/gsm8k/train.jsonl", "gsm8k"):
         rows.append(row)
         if len(rows) >= size:
             break
