@@ -134,6 +134,8 @@ class IFDSelector(Selector):
         self.keep_equal_one = bool(keep_equal_one)
         self.budget_after_filter = bool(budget_after_filter)
         self.pre_experienced = bool(pre_experienced)
+        # the pre-experienced step fine-tunes the target, so the trainer config belongs in the selection's cache key
+        self.uses_training = self.pre_experienced
         self.clusters = int(clusters)
         self.per_cluster = int(per_cluster)
         self.ppl_percentiles = (lo, hi)
