@@ -91,7 +91,7 @@ def _decoder_and_head(model):
 
 @torch.inference_mode()
 def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int = 1024,
-                dtype: str = "fp32") -> np.ndarray:
+                dtype: str = "fp32", per_token: bool = False):
     """(len(batch), 4) array of nll, entropy, n_tokens, first_token_entropy for each rendered sample.
 
     dtype=bf16 runs the transformer body under bf16 autocast (AMX on recent CPUs, tensor cores on GPUs);
@@ -137,6 +137,11 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
         token_nll[s : s + chunk_positions] = -logp.gather(1, labels[s : s + chunk_positions, None]).squeeze(1)
         token_ent[s : s + chunk_positions] = -(logp.exp() * logp).sum(-1)
 
+    if per_token:
+        # (nll, entropy) per response token of each sample, for signals that need more than the means
+        bounds = np.cumsum([0] + [len(tp) for tp in target_pos])
+        nll_np, ent_np = token_nll.cpu().numpy(), token_ent.cpu().numpy()
+        return [(nll_np[bounds[b]:bounds[b + 1]], ent_np[bounds[b]:bounds[b + 1]]) for b in range(len(batch))]
     out = np.empty((len(batch), len(RESPONSE_SIGNALS)), dtype=np.float64)
     start = 0
     for b, tp in enumerate(target_pos):

@@ -157,3 +157,29 @@ def test_complexity_aware_training_shortens_easy_and_medium_rows(make_cfg, tmp_p
     assert len(short) == info["answer_only"]  # only the final answer, e.g. "#### 72"
     assert all("\n" not in r.response for r in short)
     assert sum(r.response.count("\n") > 0 for r in rows) == info["hard"]
+
+
+def test_second_selector_asking_the_same_signal_computes_nothing(make_cfg):
+    first = run(make_cfg("selector=ppl", "pipeline.stages=[score,select]"))
+    assert first["cache"]["score_store"]["misses"] == 1
+    second = run(make_cfg("selector=entropy", "pipeline.stages=[score,select]", run_name="second"))
+    store = second["cache"]["score_store"]
+    assert store["misses"] == 0 and store["hits"] == 1 and store["passes"] == []
+
+
+def test_per_token_signal_is_served_and_cached(make_cfg):
+    from instructdiff.pipeline import Pipeline
+
+    cfg = make_cfg("pipeline.stages=[score]")
+    pipe = Pipeline(cfg, __import__("pathlib").Path(cfg.paths.run_dir))
+    pipe.prepare()
+    arrays = pipe.signal(pipe.base, "token_stats")
+    means = pipe.score(pipe.base, "base")
+    ids = [r.id for r in pipe.pool]
+    lengths = arrays["n_tokens"]
+    assert lengths.tolist() == [pipe.response_tokens[i] for i in ids]
+    import numpy as np
+
+    np.testing.assert_allclose(np.nanmean(arrays["nll"], axis=1), means.aligned("nll", ids), atol=1e-4)
+    again = pipe.signal(pipe.base, "token_stats")
+    assert pipe.store.hits >= 1 and np.array_equal(again["nll"], arrays["nll"], equal_nan=True)

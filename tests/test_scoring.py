@@ -256,3 +256,12 @@ def test_bf16_scoring_agrees_with_fp32_within_tolerance(model: LlamaForCausalLM,
     assert not np.allclose(out[:, :2], ref[:, :2], atol=1e-7, rtol=0)  # bf16 was really used
     with pytest.raises(ValueError, match="dtype"):
         score_batch(model, items, pad_id=0, dtype="fp8")
+
+
+def test_per_token_arrays_average_to_the_sample_means(model: LlamaForCausalLM, items: list[Rendered]) -> None:
+    means = score_batch(model, items, pad_id=0)
+    per = score_batch(model, items, pad_id=0, per_token=True)
+    for (nll, ent), row, r in zip(per, means, items, strict=True):
+        assert len(nll) == len(ent) == len(r.completion_ids)
+        assert nll.mean() == pytest.approx(row[0], abs=1e-5) and ent.mean() == pytest.approx(row[1], abs=1e-5)
+        assert ent[0] == pytest.approx(row[3], abs=1e-6)

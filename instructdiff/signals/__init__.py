@@ -27,6 +27,8 @@ SIGNALS: dict[str, str] = {
     "sentence_embedding": "instructdiff.signals.sentence_embedding:compute",
     # SelectIT rating-prompt digit probabilities (METHODS §7)
     "rating_probs": "instructdiff.signals.rating:compute",
+    # per-token response NLL and entropy, NaN-padded (N, longest response)
+    "token_stats": "instructdiff.signals.token_stats:compute",
     # per-example LoRA gradient norms of an ensemble at an early and a late epoch (GradFiltering, METHODS §5)
     "lora_grad_norms": "instructdiff.signals.lora_grads:compute",
 }

@@ -1,0 +1,28 @@
+"""Per-token response NLL and entropy (the arrays behind the per-sample means), NaN-padded to the longest
+response: for analyses and selectors that weight tokens (e.g. only the final answer's tokens)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from instructdiff.scoring import length_batches, score_batch
+from instructdiff.signals import SignalInputs
+
+
+def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
+    rendered = inputs.rendered
+    width = max((len(r.completion_ids) for r in rendered), default=0)
+    nll = np.full((len(rendered), width), np.nan, dtype=np.float32)
+    ent = np.full((len(rendered), width), np.nan, dtype=np.float32)
+    pad_id = inputs.tokenizer.pad_token_id or 0
+    dtype = str(options.get("dtype", "fp32"))
+    batches = list(length_batches(rendered, int(options.get("max_tokens_per_batch", 4096)),
+                                  int(options.get("max_batch_size", 32))))
+    for idx in tqdm(batches, desc="token_stats", unit="batch"):
+        per = score_batch(inputs.model, [rendered[k] for k in idx], pad_id, dtype=dtype, per_token=True)
+        for k, (n, h) in zip(idx, per, strict=True):
+            nll[k, : len(n)] = n
+            ent[k, : len(h)] = h
+    lengths = np.array([len(r.completion_ids) for r in rendered], dtype=np.int32)
+    return {"nll": nll, "entropy": ent, "n_tokens": lengths}
