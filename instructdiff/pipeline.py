@@ -460,12 +460,13 @@ def _fmt(v: Any) -> str:
 def run(cfg: DictConfig) -> dict:
     """Run the configured stages; returns the results dict that is also written to results.json."""
     run_dir = resolve_run_dir(cfg)
+    from instructdiff.sweep import stage_metrics, tracker_identity
+
     tracker = Tracker(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True),
-                      name=run_dir.name, group=cfg.domain.name,
-                      tags=[f"domain={cfg.domain.name}", f"model={cfg.model.name}"])
+                      **tracker_identity(cfg, run_dir))
     try:
         results = Pipeline(cfg, run_dir).run()
-        tracker.log({f"time/{k}": v for k, v in results["seconds"].items()})
+        tracker.log(stage_metrics(results))
         for label, ev in results.get("eval", {}).items():
             tracker.log({f"{label}/{k}": v for k, v in ev.get("metrics", {}).items()})
         sel_path = run_dir / "selection.jsonl"

@@ -1,0 +1,846 @@
+"""``instructdiff-report <multirun dir> [--out DIR]``: tables and plots of a sweep, from its run dirs alone.
+
+Writes into the multirun directory (or ``--out``):
+
+    report.md        results per domain (mean ± 95% CI over seeds, gain over full and random), missing runs,
+                     selection overlap, cost per selector, the plots
+    report.csv       the results table in long form: one row per (domain, setting, fraction, selector, metric)
+    runs.csv         one row per job: status (ok | missing/failed | not started), selector, seed, directory
+    overlap.csv      Jaccard of the selected id sets between selectors, mean over seeds
+    cost.csv         wall time per stage, scoring passes, trainings and cache hits/misses per selector
+    *.png            metric against the data fraction (and any other swept numeric selector option, e.g.
+                     warmup_ratio, rounds), ΔH / ΔNLL distributions, overlap heatmaps, cost bars
+
+A job is a directory with a ``.hydra/`` folder (Hydra writes it before the job starts); one without
+``results.json`` crashed, was interrupted or is still running and is listed as missing. Jobs of a sweep that
+never got a directory are found from the sweep's ``multirun.yaml`` (basic sweeper) and listed as not started.
+Runs are told apart by the overrides that vary across the sweep: ``selector``, ``seed``,
+``selector.budget.fraction``, ``selector.<option>`` (shown in the selector's label, e.g.
+``instructdiff [warmup_ratio=0.05]``) and anything else (shown as the run's setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CI_LEVEL = 0.95
+BASE_LABEL = "base (no SFT)"
+# Reference rows first, then InstructDiff, then the rest alphabetically.
+LABEL_ORDER = (BASE_LABEL, "full", "random", "instructdiff")
+# Override keys that only say where things go, never what was run.
+IGNORED_KEYS = ("paths.", "logger", "hydra.")
+LOWER_IS_BETTER = ("bits_per_byte", "perplexity", "loss", "nll", "bpb")
+STAGE_ORDER = ("data", "calibrate", "score", "select", "train", "eval")
+MAX_DELTA_GROUPS = 8
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+def _t_two_sided_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4): exact, without scipy."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    if df % 2 == 1:
+        total, term = 0.0, s * c  # series in sinθ·cos^(2k+1)θ with coefficients 2·4…/(1·3…)
+        if df > 1:
+            total = term
+            for k in range(1, (df - 3) // 2 + 1):
+                term *= c * c * (2 * k) / (2 * k + 1)
+                total += term
+        return 2.0 / math.pi * (theta + total)
+    total, term = 1.0, 1.0
+    for k in range(1, (df - 2) // 2 + 1):
+        term *= c * c * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+def t_quantile(df: int, level: float = CI_LEVEL) -> float:
+    """t_{(1+level)/2, df}: the half-width multiplier of a two-sided ``level`` interval (bisection)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    lo, hi = 0.0, 1.0
+    while _t_two_sided_mass(hi, df) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _t_two_sided_mass(mid, df) < level:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float | None, int]:
+    """(mean, half-width, n): mean ± t_{(1+level)/2, n-1}·s/√n with s the sample std (ddof=1); the half-width
+    is None for n = 1, where the spread over seeds is unknown."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        raise ValueError("mean_ci of no values")
+    mean = sum(xs) / n
+    if n == 1:
+        return mean, None, 1
+    s = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, t_quantile(n - 1, level) * s / math.sqrt(n), n
+
+
+def lower_is_better(metric: str) -> bool:
+    parts = metric.split("/")
+    name = parts[1] if len(parts) > 1 else parts[0]  # the task name ("id_gsm8k_bpb") says nothing
+    return any(w in name for w in LOWER_IS_BETTER)
+
+
+def relative_gain(value: float, ref: float | None, metric: str) -> float | None:
+    """Percent improvement over ``ref``: positive = better, for higher- and lower-is-better metrics alike."""
+    if ref is None or ref == 0 or not math.isfinite(ref):
+        return None
+    gain = (value - ref) / abs(ref) * 100.0
+    return -gain if lower_is_better(metric) else gain
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+# -- reading run directories -------------------------------------------------------------------------------
+@dataclass
+class Job:
+    path: Path | None                  # None: a job of the sweep that never got a directory
+    sweep: Path
+    num: int | None
+    overrides: dict[str, str]
+    choices: dict[str, Any]
+    config: dict[str, Any]
+    results: dict | None = None
+    reason: str | None = None
+    # filled by Report: what tells this job apart from the others of the sweep(s)
+    selector: str = "?"
+    domain: str = "?"
+    seed: Any = None
+    fraction: float | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    setting: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.path is None:
+            return "not started"
+        return "ok" if self.results is not None else "missing/failed"
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.selector
+        return f"{self.selector} [{', '.join(f'{k}={v}' for k, v in sorted(self.params.items()))}]"
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else f"{self.num}_(never started)"
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for ov in items:
+        if "=" not in ov:
+            continue  # "~key" deletions carry no value
+        key, value = ov.split("=", 1)
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def find_job_dirs(root: Path) -> list[Path]:
+    """Every directory under ``root`` that holds a ``.hydra/`` folder, without descending into jobs (their
+    wandb/ folders) or submitit's pickles."""
+    jobs = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if ".hydra" in dirnames and Path(dirpath) != root:
+            jobs.append(Path(dirpath))
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if d not in (".submitit", "wandb", ".hydra"))
+    return jobs
+
+
+def _failure_reason(job_dir: Path) -> str:
+    """The last error line of the job's Hydra log, else the last step the pipeline logged."""
+    last_step = None
+    for log in sorted(job_dir.glob("*.log")):
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        errors = [x.strip() for x in lines if re.search(r"(Error|Exception)\b", x)]
+        if errors:
+            return errors[-1][:300]
+        steps = [m.group(1) for x in lines if (m := re.search(r"\]\[instructdiff\]\[\w+\] - (.*)", x))]
+        last_step = steps[-1][:200] if steps else last_step
+    reason = "no results.json (crashed, interrupted or still running)"
+    return f"{reason}; last step logged: {last_step}" if last_step else reason
+
+
+def load_job(job_dir: Path) -> Job:
+    hydra_yaml = _load_yaml(job_dir / ".hydra" / "hydra.yaml") or {}
+    hydra = hydra_yaml.get("hydra", {}) if isinstance(hydra_yaml, dict) else {}
+    overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
+    num = _get(hydra, "job.num")
+    results = None
+    if (job_dir / "results.json").is_file():
+        try:
+            results = json.loads((job_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            results = None
+    config: dict = {}
+    if (job_dir / "manifest.json").is_file():
+        try:
+            config = json.loads((job_dir / "manifest.json").read_text()).get("config") or {}
+        except (OSError, ValueError):
+            config = {}
+    if not config:
+        config = _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
+    job = Job(path=job_dir, sweep=job_dir.parent, num=int(num) if num is not None else None,
+              overrides=_parse_overrides(overrides), choices=_get(hydra, "runtime.choices") or {},
+              config=config, results=results)
+    if results is None:
+        job.reason = _failure_reason(job_dir)
+    return job
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The override list of every job the sweep in ``sweep_dir`` was to run, in job-number order, rebuilt from
+    its multirun.yaml the way Hydra's basic sweeper builds it; None when that cannot be done."""
+    cfg = _load_yaml(sweep_dir / "multirun.yaml")
+    hydra = cfg.get("hydra") if isinstance(cfg, dict) else None
+    if not isinstance(hydra, dict) or "BasicSweeper" not in str(_get(hydra, "sweeper._target_")):
+        return None
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = _get(hydra, "sweeper.params") or {}
+        args = [f"{k}={v}" for k, v in params.items()] + list(_get(hydra, "overrides.task") or [])
+        parsed = OverridesParser.create().parse_overrides(args)
+        return BasicSweeper.split_arguments(parsed, None)[0]
+    except Exception:  # a sweep this reader cannot rebuild: report the jobs that exist
+        return None
+
+
+def _selector_from_target(selector_cfg: dict) -> str:
+    """conf/selector name of a resolved selector config (runs made outside Hydra have no runtime choices)."""
+    from instructdiff import CONF_DIR
+
+    target = selector_cfg.get("_target_")
+    matches = []
+    for p in sorted((CONF_DIR / "selector").glob("*.yaml")):
+        conf = _load_yaml(p) or {}
+        if conf.get("_target_") == target:
+            matches.append((p.stem, set(conf)))
+    if len(matches) > 1:  # a class behind several files: the one with the same keys
+        same = [name for name, keys in matches if keys == set(selector_cfg)]
+        matches = [(same[0], set())] if same else matches
+    if matches:
+        return matches[0][0]
+    return str(target).rsplit(".", 1)[-1] if target else "?"
+
+
+# -- the report ---------------------------------------------------------------------------------------------
+def _label_key(label: str) -> tuple:
+    base = label.split(" [", 1)[0]
+    rank = LABEL_ORDER.index(base) if base in LABEL_ORDER else len(LABEL_ORDER)
+    return (rank, base, label)
+
+
+def _num(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.{digits}g}"
+
+
+def _fmt_ci(mean: float, half: float | None, n: int) -> str:
+    return f"{_fmt(mean)} (n=1)" if half is None else f"{_fmt(mean)} ± {_fmt(half, 2)}"
+
+
+def _fmt_gain(g: float | None) -> str:
+    if g is None:
+        return "—"
+    return "±0.0%" if abs(g) < 0.05 else f"{g:+.1f}%"
+
+
+def _fmt_frac(f: float | None) -> str:
+    return "—" if f is None else f"{f:g}"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "x"
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return out
+
+
+def _read_selection(job: Job) -> list[dict]:
+    path = job.path / "selection.jsonl" if job.path else None
+    if path is None or not path.is_file():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                continue
+    return recs
+
+
+@dataclass
+class Group:
+    """Runs that differ only by seed; metric -> {seed: value}."""
+
+    domain: str
+    setting: str
+    fraction: float | None
+    label: str
+    values: dict[str, dict[Any, float]] = field(default_factory=lambda: defaultdict(dict))
+
+    def stats(self, metric: str) -> tuple[float, float | None, int] | None:
+        vals = list(self.values.get(metric, {}).values())
+        return mean_ci(vals) if vals else None
+
+
+class Report:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.jobs: list[Job] = [load_job(p) for p in find_job_dirs(self.root)]
+        self._add_not_started()
+        self.jobs.sort(key=lambda j: (str(j.sweep), j.num if j.num is not None else 1 << 30, j.name))
+        self.varying: list[str] = []
+        self.common: dict[str, str] = {}
+        self._describe_jobs()
+        self.ok = [j for j in self.jobs if j.status == "ok"]
+        self.groups = self._group()
+        self.metrics = sorted({m for g in self.groups.values() for m in g.values})
+        self.plots: list[tuple[str, str]] = []  # (section, file name)
+
+    # -- loading ----------------------------------------------------------------------------------------
+    def _add_not_started(self) -> None:
+        sweeps = {j.sweep for j in self.jobs}
+        sweeps |= {p.parent for p in self.root.rglob("multirun.yaml") if ".submitit" not in p.parts}
+        for sweep in sorted(sweeps):
+            expected = expected_jobs(sweep)
+            if expected is None:
+                continue
+            have = {j.num for j in self.jobs if j.sweep == sweep}
+            mr = _load_yaml(sweep / "multirun.yaml") or {}
+            choices = _get(mr, "hydra.runtime.choices") or {}
+            config = {k: v for k, v in mr.items() if k != "hydra"}
+            for num, ovs in enumerate(expected):
+                if num not in have:
+                    self.jobs.append(Job(path=None, sweep=sweep, num=num, overrides=_parse_overrides(ovs),
+                                         choices=choices, config=config,
+                                         reason="never started (the sweep stopped before this job)"))
+
+    def _describe_jobs(self) -> None:
+        keys = sorted({k for j in self.jobs for k in j.overrides if not k.startswith(IGNORED_KEYS)})
+        for k in keys:
+            vals = {j.overrides.get(k) for j in self.jobs}
+            if len(vals) > 1:
+                self.varying.append(k)
+            else:
+                self.common[k] = next(iter(vals))  # type: ignore[assignment]
+        models = {str(_get(j.config, "model.name")) for j in self.jobs if _get(j.config, "model.name")}
+        for j in self.jobs:
+            j.selector = j.overrides.get("selector") or j.choices.get("selector") or (
+                _selector_from_target(j.config.get("selector") or {}) if j.config.get("selector") else "?")
+            j.domain = str(_get(j.config, "domain.name") or j.overrides.get("domain")
+                           or (j.results or {}).get("domain") or "?")
+            j.seed = j.overrides.get("seed", _get(j.config, "seed"))
+            j.seed = int(j.seed) if _num(j.seed) is not None else j.seed
+            if j.selector == "full":
+                j.fraction = 1.0  # full takes the whole pool whatever its budget says
+            elif _get(j.config, "selector.budget.count") not in (None, "null"):
+                j.fraction = None
+            else:
+                j.fraction = _num(j.overrides.get("selector.budget.fraction",
+                                                  _get(j.config, "selector.budget.fraction")))
+            setting = []
+            for k in self.varying:
+                if k in ("selector", "seed", "selector.budget.fraction", "domain"):
+                    continue
+                if k.startswith("selector."):
+                    if k in j.overrides:
+                        j.params[k.removeprefix("selector.")] = j.overrides[k]
+                else:
+                    setting.append(f"{k}={j.overrides.get(k, '(default)')}")
+            if len(models) > 1 and not any(s.startswith("model=") for s in setting):
+                setting.insert(0, f"model={_get(j.config, 'model.name')}")
+            j.setting = ", ".join(setting)
+
+    def _group(self) -> dict[tuple, Group]:
+        groups: dict[tuple, Group] = {}
+        for j in self.ok:
+            ev = j.results.get("eval") or {}
+            for label, which in ((j.label, "trained"), (BASE_LABEL, "base")):
+                metrics = (ev.get(which) or {}).get("metrics") or {}
+                frac = j.fraction if which == "trained" else None
+                key = (j.domain, j.setting, frac, label)
+                for m, v in metrics.items():
+                    v = _num(v)
+                    if v is None or not math.isfinite(v):
+                        continue
+                    g = groups.setdefault(key, Group(j.domain, j.setting, frac, label))
+                    g.values[m].setdefault(j.seed, v)  # a seed repeated in merged sweeps counts once
+        return groups
+
+    def ordered_groups(self, domain: str | None = None) -> list[Group]:
+        gs = [g for g in self.groups.values() if domain is None or g.domain == domain]
+        return sorted(gs, key=lambda g: (g.domain, g.setting, g.fraction if g.fraction is not None else -1,
+                                         _label_key(g.label)))
+
+    def reference(self, g: Group, selector: str) -> Group | None:
+        for (domain, setting, frac, label), ref in self.groups.items():
+            if (domain, setting, label) == (g.domain, g.setting, selector) and (
+                    selector == "full" or frac == g.fraction):
+                return ref
+        return None
+
+    def gains(self, g: Group, metric: str) -> tuple[float | None, float | None]:
+        st = g.stats(metric)
+        if st is None or g.label == BASE_LABEL:
+            return None, None
+        out = []
+        for sel in ("full", "random"):
+            ref = self.reference(g, sel)
+            rs = ref.stats(metric) if ref is not None and ref is not g else None
+            out.append(relative_gain(st[0], rs[0] if rs else None, metric) if rs else None)
+        return out[0], out[1]
+
+    # -- tables -----------------------------------------------------------------------------------------
+    def results_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for g in self.ordered_groups():
+            for m in self.metrics:
+                st = g.stats(m)
+                if st is None:
+                    continue
+                mean, half, n = st
+                gf, gr = self.gains(g, m)
+                rows.append({
+                    "domain": g.domain, "setting": g.setting, "fraction": g.fraction, "selector": g.label,
+                    "metric": m, "lower_is_better": lower_is_better(m), "n_seeds": n,
+                    "seeds": " ".join(str(s) for s in sorted(g.values[m], key=str)),
+                    "mean": mean, "ci95_half_width": half,
+                    "ci95_low": None if half is None else mean - half,
+                    "ci95_high": None if half is None else mean + half,
+                    "gain_vs_full_pct": gf, "gain_vs_random_pct": gr,
+                })
+        return rows
+
+    def overlap(self) -> list[tuple[tuple, list[str], list[list[float | None]], dict]]:
+        """Per (domain, setting, fraction): labels, mean Jaccard matrix over shared seeds, seeds per pair."""
+        by_ctx: dict[tuple, dict[str, dict[Any, set]]] = defaultdict(lambda: defaultdict(dict))
+        for j in self.ok:
+            sel = {r["id"] for r in _read_selection(j) if r.get("status") == "selected"}
+            if sel:
+                by_ctx[(j.domain, j.setting, j.fraction)][j.label].setdefault(j.seed, sel)
+        out = []
+        for ctx in sorted(by_ctx, key=lambda c: (c[0], c[1], c[2] if c[2] is not None else -1)):
+            labels = sorted(by_ctx[ctx], key=_label_key)
+            if len(labels) < 2:
+                continue
+            mat: list[list[float | None]] = []
+            seeds: dict[tuple[str, str], int] = {}
+            for a in labels:
+                row = []
+                for b in labels:
+                    common = set(by_ctx[ctx][a]) & set(by_ctx[ctx][b])
+                    seeds[(a, b)] = len(common)
+                    sets_a, sets_b = by_ctx[ctx][a], by_ctx[ctx][b]
+                    row.append(sum(jaccard(sets_a[s], sets_b[s]) for s in common) / len(common)
+                               if common else None)
+                mat.append(row)
+            out.append((ctx, labels, mat, seeds))
+        return out
+
+    def cost_rows(self) -> list[dict[str, Any]]:
+        by: dict[tuple[str, str], list[Job]] = defaultdict(list)
+        for j in self.ok:
+            by[(j.domain, j.label)].append(j)
+        rows = []
+        for (domain, label), jobs in sorted(by.items(), key=lambda kv: (kv[0][0], _label_key(kv[0][1]))):
+            row: dict[str, Any] = {"domain": domain, "selector": label, "runs": len(jobs)}
+            seconds = [j.results.get("seconds") or {} for j in jobs]
+            for st in STAGE_ORDER:
+                row[f"mean_s_{st}"] = sum(s.get(st, 0.0) for s in seconds) / len(jobs)
+            row["mean_s_total"] = sum(sum(s.values()) for s in seconds) / len(jobs)
+            passes = [p for j in jobs for p in ((j.results.get("cache") or {}).get("score_store") or {})
+                      .get("passes", [])]
+            row["score_passes"] = len(passes)
+            row["score_s"] = sum(p.get("seconds", 0.0) for p in passes)
+            row["trainings_computed"] = sum(not t.get("cached", False) for j in jobs
+                                            for t in j.results.get("trainings", []))
+            row["cache_hits"] = sum((j.results.get("cache") or {}).get("hits", 0) for j in jobs)
+            row["cache_misses"] = sum((j.results.get("cache") or {}).get("misses", 0) for j in jobs)
+            rows.append(row)
+        return rows
+
+    # -- plots ------------------------------------------------------------------------------------------
+    def _plt(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+
+    def _metric_axes(self, n: int, title: str):
+        plt = self._plt()
+        cols = min(3, max(1, n))
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+        fig.suptitle(title)
+        flat = [a for r in axes for a in r]
+        for a in flat[n:]:
+            a.set_visible(False)
+        return plt, fig, flat[:n]
+
+    def plot_against(self, out: Path, param: str) -> list[str]:
+        """The metric against ``param`` (``fraction`` or a selector option), one line per selector label with
+        that option removed, per domain; 95% CI as error bars. Only where the param takes >= 2 values."""
+        files = []
+        for domain in sorted({j.domain for j in self.ok}):
+            series: dict[tuple[str, str], dict[float, dict[str, dict[Any, float]]]] = defaultdict(
+                lambda: defaultdict(lambda: defaultdict(dict)))
+            flat_refs: dict[tuple[str, str], dict[str, dict[Any, float]]] = defaultdict(
+                lambda: defaultdict(dict))
+            for j in self.ok:
+                if j.domain != domain:
+                    continue
+                metrics = ((j.results.get("eval") or {}).get("trained") or {}).get("metrics") or {}
+                if param == "fraction":
+                    x = j.fraction
+                    line = (j.label, j.setting)
+                else:
+                    x = _num(j.params.get(param))
+                    rest = {k: v for k, v in j.params.items() if k != param}
+                    lab = j.selector + (f" [{', '.join(f'{k}={v}' for k, v in sorted(rest.items()))}]"
+                                        if rest else "")
+                    line = (lab + ("" if j.fraction is None else f" @{j.fraction:g}"), j.setting)
+                for m, v in metrics.items():
+                    v = _num(v)
+                    if v is None or not math.isfinite(v):
+                        continue
+                    if param == "fraction" and j.selector == "full":
+                        flat_refs[line][m].setdefault(j.seed, v)  # full is a level, not a function of β
+                    elif x is None and j.selector in ("full", "random"):
+                        flat_refs[line][m].setdefault(j.seed, v)  # the references, where the sweep has them
+                    elif x is not None:
+                        series[line][x][m].setdefault(j.seed, v)
+            xs = {x for s in series.values() for x in s}
+            if len(xs) < 2:
+                continue
+            metrics = sorted({m for s in series.values() for pts in s.values() for m in pts})
+            plt, fig, axes = self._metric_axes(len(metrics), f"{domain}: metric against {param}")
+            for ax, m in zip(axes, metrics, strict=True):
+                for (lab, setting), pts in sorted(series.items(), key=lambda kv: _label_key(kv[0][0])):
+                    px = sorted(x for x in pts if pts[x].get(m))
+                    if not px:
+                        continue
+                    stats = [mean_ci(list(pts[x][m].values())) for x in px]
+                    ax.errorbar(px, [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats], marker="o",
+                                capsize=3, label=lab + (f" ({setting})" if setting else ""))
+                for k, ((lab, setting), ms) in enumerate(sorted(flat_refs.items())):
+                    if ms.get(m):
+                        ax.axhline(mean_ci(list(ms[m].values()))[0], ls=("--", ":", "-.")[k % 3],
+                                   color="grey", label=lab + (f" ({setting})" if setting else ""))
+                ax.set_xlabel(param)
+                ax.set_ylabel(m + (" (lower is better)" if lower_is_better(m) else ""))
+                ax.legend(fontsize=7)
+            fig.tight_layout()
+            name = f"{_slug(param)}_{_slug(domain)}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            files.append(name)
+        return files
+
+    def plot_deltas(self, out: Path) -> list[str]:
+        """ΔH and ΔNLL per domain (runs whose selection.jsonl has them, i.e. InstructDiff): every scored row
+        vs the selected ones, seeds pooled; the analogue of the paper's differential-entropy figures."""
+        files = []
+        keys = ("delta_entropy", "delta_nll")
+        for domain in sorted({j.domain for j in self.ok}):
+            pooled: dict[tuple, dict[str, tuple[list[float], list[float]]]] = {}
+            for j in self.ok:
+                if j.domain != domain:
+                    continue
+                recs = _read_selection(j)
+                if not any(k in (r.get("scores") or {}) for r in recs for k in keys):
+                    continue
+                gkey = (j.label, j.fraction, j.setting)
+                slot = pooled.setdefault(gkey, {k: ([], []) for k in keys})
+                for r in recs:
+                    for k in keys:
+                        v = _num((r.get("scores") or {}).get(k))
+                        if v is None or not math.isfinite(v):
+                            continue
+                        slot[k][0].append(v)
+                        if r.get("status") == "selected":
+                            slot[k][1].append(v)
+            if not pooled:
+                continue
+            gkeys = sorted(pooled, key=lambda g: (_label_key(g[0]), g[1] if g[1] is not None else -1, g[2]))
+            gkeys = gkeys[:MAX_DELTA_GROUPS]
+            plt = self._plt()
+            fig, axes = plt.subplots(len(gkeys), 2, figsize=(10, 2.8 * len(gkeys)), squeeze=False)
+            fig.suptitle(f"{domain}: ΔH and ΔNLL (base − calibrated), all scored rows vs selected")
+            for row, gk in zip(axes, gkeys, strict=True):
+                for ax, k, title in zip(row, keys, ("ΔH (delta_entropy)", "ΔNLL (delta_nll)"), strict=True):
+                    allv, sel = pooled[gk][k]
+                    if allv:
+                        lo, hi = min(allv), max(allv)
+                        bins = 30 if hi > lo else 1
+                        rng = (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+                        ax.hist(allv, bins=bins, range=rng, histtype="step", color="black",
+                                label=f"all ({len(allv)})")
+                        if sel:
+                            ax.hist(sel, bins=bins, range=rng, alpha=0.6, color="tab:orange",
+                                    label=f"selected ({len(sel)})")
+                    label, frac, setting = gk
+                    where = f" ({setting})" if setting else ""
+                    ax.set_title(f"{title}: {label} @{_fmt_frac(frac)}{where}", fontsize=8)
+                    ax.legend(fontsize=7)
+            fig.tight_layout()
+            name = f"delta_{_slug(domain)}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            files.append(name)
+        return files
+
+    def plot_overlap(self, out: Path, overlap: list) -> list[str]:
+        files = []
+        for (domain, setting, frac), labels, mat, _ in overlap:
+            plt = self._plt()
+            size = 1.2 + 0.7 * len(labels)
+            fig, ax = plt.subplots(figsize=(size + 1.5, size))
+            data = [[float("nan") if v is None else v for v in row] for row in mat]
+            im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            for i, row in enumerate(mat):
+                for k, v in enumerate(row):
+                    if v is not None:
+                        ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if v < 0.6 else "black")
+            fig.colorbar(im, ax=ax, label="Jaccard of selected ids")
+            ax.set_title(f"{domain} @{_fmt_frac(frac)}" + (f" ({setting})" if setting else ""), fontsize=9)
+            fig.tight_layout()
+            name = f"overlap_{_slug(domain)}_{_slug(_fmt_frac(frac))}"
+            name += f"_{_slug(setting)}" if setting else ""
+            fig.savefig(out / f"{name}.png", dpi=110)
+            plt.close(fig)
+            files.append(f"{name}.png")
+        return files
+
+    def plot_cost(self, out: Path, rows: list[dict]) -> list[str]:
+        if not rows:
+            return []
+        plt = self._plt()
+        labels = [f"{r['selector']} ({r['domain']})" for r in rows]
+        fig, ax = plt.subplots(figsize=(8, 1.6 + 0.45 * len(rows)))
+        left = [0.0] * len(rows)
+        for st in STAGE_ORDER:
+            vals = [r[f"mean_s_{st}"] for r in rows]
+            ax.barh(labels, vals, left=left, label=st)
+            left = [a + b for a, b in zip(left, vals, strict=True)]
+        ax.invert_yaxis()
+        ax.set_xlabel("mean wall time per run (s); cached stages cost ~0")
+        ax.legend(fontsize=7, ncols=len(STAGE_ORDER), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                  frameon=False)
+        fig.tight_layout()
+        fig.savefig(out / "cost.png", dpi=110)
+        plt.close(fig)
+        return ["cost.png"]
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def write(self, out: Path | None = None) -> Path:
+        out = Path(out).resolve() if out else self.root
+        out.mkdir(parents=True, exist_ok=True)
+        rows = self.results_rows()
+        overlap = self.overlap()
+        cost = self.cost_rows()
+
+        numeric_params = sorted({k for j in self.ok for k, v in j.params.items() if _num(v) is not None})
+        for p in ["fraction", *numeric_params]:
+            for f in self.plot_against(out, p):
+                self.plots.append((f"metric against {p}", f))
+        self.plots += [("ΔH / ΔNLL distributions", f) for f in self.plot_deltas(out)]
+        self.plots += [("selection overlap", f) for f in self.plot_overlap(out, overlap)]
+        self.plots += [("cost", f) for f in self.plot_cost(out, cost)]
+
+        _write_csv(out / "report.csv", rows, list(rows[0]) if rows else [
+            "domain", "setting", "fraction", "selector", "metric", "lower_is_better", "n_seeds", "seeds",
+            "mean", "ci95_half_width", "ci95_low", "ci95_high", "gain_vs_full_pct", "gain_vs_random_pct"])
+        _write_csv(out / "runs.csv", [
+            {"status": j.status, "domain": j.domain, "selector": j.label, "fraction": j.fraction,
+             "seed": j.seed, "setting": j.setting, "job": j.num, "dir": str(j.path or j.sweep),
+             "reason": j.reason or ""}
+            for j in self.jobs], ["status", "domain", "selector", "fraction", "seed", "setting", "job", "dir",
+                                  "reason"])
+        _write_csv(out / "overlap.csv", [
+            {"domain": d, "setting": s, "fraction": f, "a": a, "b": b, "jaccard": mat[i][k],
+             "n_seeds": seeds[(a, b)]}
+            for (d, s, f), labels, mat, seeds in overlap for i, a in enumerate(labels)
+            for k, b in enumerate(labels)], ["domain", "setting", "fraction", "a", "b", "jaccard", "n_seeds"])
+        _write_csv(out / "cost.csv", cost, list(cost[0]) if cost else ["domain", "selector", "runs"])
+        path = out / "report.md"
+        path.write_text("\n".join(self.markdown(overlap, cost)) + "\n")
+        return path
+
+    def markdown(self, overlap: list, cost: list[dict]) -> list[str]:
+        missing = [j for j in self.jobs if j.status != "ok"]
+        md = [f"# Sweep report: {self.root}", "",
+              f"{len(self.jobs)} jobs: {len(self.ok)} ok, "
+              f"{sum(j.status == 'missing/failed' for j in self.jobs)} missing/failed, "
+              f"{sum(j.status == 'not started' for j in self.jobs)} not started.", ""]
+        if self.varying:
+            md.append("Swept: " + ", ".join(f"`{k}`" for k in self.varying) + ".")
+        if self.common:
+            common = ", ".join(f"`{k}={v}`" for k, v in sorted(self.common.items()))
+            md.append(f"Common overrides: {common}.")
+        md += ["", "## Results", "",
+               f"Trained-model metrics, mean ± half-width of the {CI_LEVEL:.0%} confidence interval over "
+               "seeds (t-distribution, t_{0.975,n−1}·s/√n; n=1: no interval). Gains are relative to `full` "
+               "and to `random` (same domain, setting and fraction), in percent, positive = better (the sign "
+               f"is flipped for lower-is-better metrics: {', '.join(LOWER_IS_BETTER)}). `{BASE_LABEL}` is "
+               "the base model.", ""]
+        if missing:
+            md += [f"**{len(missing)} run(s) missing**: see [Missing runs](#missing-runs); their groups have "
+                   "fewer seeds.", ""]
+        if not self.groups:
+            md += ["No eval metrics in any finished run (eval=none, or no run finished).", ""]
+        for domain in sorted({g.domain for g in self.groups.values()}):
+            groups = self.ordered_groups(domain)
+            metrics = sorted({m for g in groups for m in g.values})
+            with_setting = any(g.setting for g in groups)
+            header = ["selector", "fraction", *(["setting"] if with_setting else []), "seeds"]
+            for m in metrics:
+                header += [m + (" ↓" if lower_is_better(m) else ""), "vs full", "vs random"]
+            table = []
+            for g in groups:
+                ns = {st[2] for m in metrics if (st := g.stats(m))}
+                row = [g.label, _fmt_frac(g.fraction), *([g.setting] if with_setting else []),
+                       "/".join(str(n) for n in sorted(ns))]
+                for m in metrics:
+                    st = g.stats(m)
+                    gf, gr = self.gains(g, m)
+                    row += [_fmt_ci(*st) if st else "—", _fmt_gain(gf), _fmt_gain(gr)]
+                table.append(row)
+            md += [f"### {domain}", "", *_md_table(header, table), ""]
+        md += ["## Missing runs", ""]
+        if missing:
+            md += _md_table(["job", "status", "selector", "fraction", "seed", "reason"],
+                            [[j.name, j.status, j.label, _fmt_frac(j.fraction), j.seed, j.reason or ""]
+                             for j in missing])
+        else:
+            md.append("None: every job of the sweep wrote results.json.")
+        md += ["", "## Selection overlap", "",
+               "Jaccard |A∩B| / |A∪B| of the selected id sets, same domain, setting, fraction and seed (the "
+               "pool depends on the seed), mean over the seeds both selectors ran.", ""]
+        if not overlap:
+            md.append("Fewer than two selectors at any (domain, fraction): nothing to compare.")
+        for (domain, setting, frac), labels, mat, _ in overlap:
+            md += [f"### {domain} @{_fmt_frac(frac)}" + (f" ({setting})" if setting else ""), ""]
+            md += _md_table(["", *labels], [[a, *(_fmt(v, 3) for v in mat[i])] for i, a in enumerate(labels)])
+            md.append("")
+        md += ["## Cost", "",
+               "Mean wall time per stage per run (s, results.json `seconds`), scoring passes actually run, "
+               "trainings actually run, cache hits and misses (summed over runs). Work another job had "
+               "already cached costs ~0 here, so the first job of a shared computation carries its cost.", ""]
+        if cost:
+            md += _md_table(["domain", "selector", "runs", *STAGE_ORDER, "total", "score passes", "score s",
+                             "trainings", "cache hits", "cache misses"],
+                            [[r["domain"], r["selector"], r["runs"],
+                              *(f"{r[f'mean_s_{s}']:.1f}" for s in STAGE_ORDER),
+                              f"{r['mean_s_total']:.1f}", r["score_passes"], f"{r['score_s']:.1f}",
+                              r["trainings_computed"], r["cache_hits"], r["cache_misses"]] for r in cost])
+        else:
+            md.append("No finished runs.")
+        md += ["", "## Plots", ""]
+        if not self.plots:
+            md.append("No plots: nothing varies that a plot could show.")
+        for section, f in self.plots:
+            md += [f"### {section}: {f}", "", f"![{f}]({f})", ""]
+        return md
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def build_report(multirun_dir: Path | str, out: Path | str | None = None) -> Report:
+    rep = Report(Path(multirun_dir))
+    rep.write(Path(out) if out else None)
+    return rep
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="instructdiff-report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("multirun_dir", type=Path, help="a Hydra multirun directory (or a folder of several)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to write the report (default: multirun_dir)")
+    args = ap.parse_args(argv)
+    if not args.multirun_dir.is_dir():
+        ap.error(f"{args.multirun_dir} is not a directory")
+    rep = Report(args.multirun_dir)
+    if not rep.jobs:
+        ap.error(f"no job directories (with a .hydra/ folder) under {args.multirun_dir}")
+    path = rep.write(args.out)
+    missing = len(rep.jobs) - len(rep.ok)
+    print(f"report: {path} ({len(rep.ok)} runs ok, {missing} missing/failed or not started; "
+          f"{len(rep.plots)} plots)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
