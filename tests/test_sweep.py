@@ -398,3 +398,30 @@ def test_report_of_a_directory_without_runs_fails_clearly(tmp_path, capsys):
         main([str(tmp_path)])
     assert "no job directories" in capsys.readouterr().err
     assert Report(tmp_path).jobs == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["id_submitit_local", "id_joblib"])
+def test_parallel_and_cluster_launchers_run_a_real_sweep(tmp_path, tiny_model_cache, launcher):
+    """submitit_local pickles each job as SLURM would; joblib runs two jobs at once on one shared cache."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_cache / "models", cache / "models")
+    out = tmp_path / "outputs"
+    cmd = [sys.executable, "-m", "instructdiff", "-m", f"hydra/launcher={launcher}", "model=tiny", "logger=none",
+           "eval=quick", "eval.limit=3", "eval.tasks=[id_gsm8k_bpb]", "domain.pool_size=32",
+           "selector=random,length", f"paths.output_root={out}", f"paths.cache_dir={cache}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (sweep,) = out.glob("multirun/*/*")
+    assert "(2 jobs, 2 with results.json, 0 missing/failed)" in proc.stdout
+    selectors = set()
+    for job in (p for p in sweep.iterdir() if (p / ".hydra").is_dir()):
+        results = json.loads((job / "results.json").read_text())
+        selectors.add(results["selector"])
+        assert results["eval"]["trained"]["metrics"]["id_gsm8k_bpb/bits_per_byte"] > 0
+    assert selectors == {"RandomSelector", "LengthSelector"}
+    if launcher == "id_submitit_local":
+        assert list((sweep / ".submitit").glob("*/*_submitted.pkl")), "jobs did not go through submitit"
+    rep = build_report(sweep)
+    assert len(rep.ok) == 2
