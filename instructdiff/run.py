@@ -18,10 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from instructdiff.pipeline import print_summary, run
+    from instructdiff.data import DataError
+    from instructdiff.pipeline import StageNotEnabled, print_summary, run
 
     logging.getLogger("instructdiff").setLevel(logging.INFO)
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except (DataError, StageNotEnabled) as e:
+        # the user's data or stage list, not a bug: the message (file:line, field, expected) without a traceback
+        raise SystemExit(f"instructdiff: error: {e}") from None
     print_summary(results)
     if results.get("wandb_sync"):
         print(f"W&B run saved offline; upload it with: {results['wandb_sync']}")
