@@ -106,7 +106,8 @@ def _read_bytes(path: Path) -> bytes:
         with opener(path, "rb") as f:
             return f.read()
     except (OSError, EOFError) as e:  # a truncated or non-gzip .gz lands here
-        raise DataError(f"cannot read file: {e}", where=_display(path)) from e
+        raise DataError(f"cannot read file: {e}; expected a readable file (gzip-compressed when named .gz)",
+                        where=_display(path)) from e
 
 
 def _scan(path: Path) -> Iterator[tuple[int, str, Record | DataError]]:
@@ -143,8 +144,8 @@ def _scan(path: Path) -> Iterator[tuple[int, str, Record | DataError]]:
     except UnicodeDecodeError as e:
         raise DataError(f"invalid UTF-8 ({e.reason} at byte {e.start}); expected UTF-8 text", where=shown) from e
     except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
-                        where=f"{shown}:{e.lineno}") from e
+        raise DataError(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected a JSON array of "
+                        "objects or an object mapping ids to objects", where=f"{shown}:{e.lineno}") from e
     if isinstance(top, list):
         for i, obj in enumerate(top):
             where = f"{shown}:element {i}"
@@ -454,9 +455,13 @@ def _map_source(path: Path, fmt: str) -> Iterator[tuple[str, Row | DataError]]:
         if mapper is None:
             detected = detect_format(item)
             if detected is None:
-                raise DataError(f"cannot detect the format from keys {sorted(item)}; expected the keys of a known "
-                                "format (e.g. instruction + response for 'generic'), or name the format: "
-                                + "; ".join(f"{k}: {v}" for k, v in FORMAT_FIELDS.items()), where=where)
+                # yielded, not raised: with on_error=skip (and in instructdiff-validate) one odd record must
+                # not hide the rest of the file; the format is then fixed by the first detectable record
+                yield where, DataError(f"cannot detect the format from keys {sorted(item)}; expected the keys of "
+                                       "a known format (e.g. instruction + response for 'generic'), or name the "
+                                       "format: " + "; ".join(f"{k}: {v}" for k, v in FORMAT_FIELDS.items()),
+                                       where=where)
+                continue
             fmt, mapper = detected, FORMATS[detected]
             log.debug("%s: detected format %r", _display(path), fmt)
         try:
@@ -592,13 +597,55 @@ def _subsample(rows: list[Row], k: int, seed: int) -> list[Row]:
     return [rows[i] for i in chosen]
 
 
-def load_pool(domain_cfg: Any, seed: int) -> tuple[list[Row], PoolReport]:
-    """Read a domain's pool, drop duplicates / empty responses / (optionally) bad rows, subsample to pool_size."""
+ON_ERROR = ("raise", "skip")
+_ON_ERROR_ALIASES = {"error": "raise"}  # the domain configs' spelling (on_bad_row: error | skip)
+
+
+def resolve_on_error(domain_cfg: Any, on_error: str | None = None) -> str:
+    """``raise`` or ``skip``: ``on_error`` if given, else the run's ``data.on_error``, else the domain's
+    ``on_bad_row``, else ``raise``.
+
+    The pipeline hands ``load_pool`` only ``cfg.domain``; when that is a node of a composed config, the run-wide
+    ``data.on_error`` is read from its root, so ``instructdiff data.on_error=skip`` works for every domain.
+    """
+    source = "on_error"
+    if on_error is None:
+        root_value = _root_on_error(domain_cfg)
+        if root_value is not None:
+            on_error, source = root_value, "data.on_error"
+    if on_error is None:
+        get = domain_cfg.get if hasattr(domain_cfg, "get") else (lambda k, d=None: d)
+        on_error, source = get("on_bad_row") or "raise", "domain.on_bad_row"
+    value = _ON_ERROR_ALIASES.get(str(on_error), str(on_error))
+    if value not in ON_ERROR:
+        raise ValueError(f"{source} is {on_error!r}; expected raise or skip (domain.on_bad_row also accepts error)")
+    return value
+
+
+def _root_on_error(domain_cfg: Any) -> str | None:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if not isinstance(domain_cfg, DictConfig):
+            return None
+        root = domain_cfg._get_root()
+        if root is domain_cfg:
+            return None
+        return OmegaConf.select(root, "data.on_error", default=None)
+    except ImportError:
+        return None
+
+
+def load_pool(domain_cfg: Any, seed: int, on_error: str | None = None) -> tuple[list[Row], PoolReport]:
+    """Read a domain's pool, drop duplicates / empty responses / (optionally) bad rows, subsample to pool_size.
+
+    ``on_error`` (raise | skip) overrides ``data.on_error`` and the domain's ``on_bad_row``; see
+    :func:`resolve_on_error`. Every record read ends in the returned rows, in ``report.dropped`` with a reason,
+    or among the ``n_available - n_kept`` rows the pool_size subsample left out.
+    """
+    on_bad_row = "error" if resolve_on_error(domain_cfg, on_error) == "raise" else "skip"
     cfg = _plain(domain_cfg)
     name = cfg.get("name", "?")
-    on_bad_row = cfg.get("on_bad_row") or "error"
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"domain {name!r}: on_bad_row is {on_bad_row!r}; expected 'error' or 'skip'")
     size = _pool_size(cfg)
     sources = _sources(cfg)
     for _, fmt in sources:
@@ -617,7 +664,8 @@ def load_pool(domain_cfg: Any, seed: int) -> tuple[list[Row], PoolReport]:
                 if on_bad_row == "error":
                     raise item
                 count.bad_row += 1
-                report.dropped.append({"id": None, "source": where, "reason": f"bad_row: {item.reason}"})
+                report.dropped.append({"id": None, "source": where, "reason": f"bad_row: {item.reason}",
+                                       "field": item.field})
             elif not item.response.strip():
                 count.empty_response += 1
                 report.dropped.append({"id": item.id, "source": where, "reason": "empty_response"})

@@ -64,6 +64,10 @@ def eval_settings(eval_cfg: Any) -> dict[str, Any]:
 
         given = OmegaConf.to_container(eval_cfg, resolve=True) if OmegaConf.is_config(eval_cfg) else dict(eval_cfg)
     settings = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
+    if not isinstance(settings["allow_code_execution"], bool):
+        # bool("false") is True: a string here must not switch code execution on
+        raise ValueError(f"eval.allow_code_execution must be true or false, got "
+                         f"{settings['allow_code_execution']!r}")
     tasks = settings["tasks"] or []
     # `eval.tasks=id_gsm8k` on the command line arrives as a string, not a one-item list.
     settings["tasks"] = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
@@ -158,7 +162,7 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int):
 def _skip_reason(task: str, output_type: str, settings: dict[str, Any]) -> str | None:
     if settings["loglikelihood_only"] and output_type == "generate_until":
         return LOGLIK_ONLY
-    if task in CODE_TASKS and not settings["allow_code_execution"]:
+    if task in CODE_TASKS and settings["allow_code_execution"] is not True:
         return CODE_OFF
     if task == "id_ifeval":
         from instructdiff.lm_eval_tasks import utils
@@ -207,9 +211,10 @@ def _collect(out: dict[str, Any], tasks: list[str], result: dict[str, Any]) -> N
 
 
 def _write(result: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    # eval_results.json is the eval cache's "done" marker: it must appear whole or not at all
+    from instructdiff.atomic import atomic_write_json
+
+    atomic_write_json(path, result, "eval results", sort_keys=True)
 
 
 def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "auto") -> dict[str, Any]:
@@ -254,6 +259,13 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
             gc.collect()
             _empty_cuda_cache()
 
+    if any(t in CODE_TASKS for t in to_run):
+        from instructdiff.lm_eval_tasks import utils
+
+        result["settings"]["code_sandbox"] = utils.sandbox_info()
+    from instructdiff.faults import crash_point
+
+    crash_point("eval.publish")
     _write(result, work_dir / "eval_results.json")
     log.info("eval %s: %s (skipped: %s)", ref.name, result["metrics"], sorted(result["skipped"]))
     return result

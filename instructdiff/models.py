@@ -57,8 +57,12 @@ def resolve_model(model_cfg: Any, cache_dir: str | Path) -> ModelRef:
     """Materialise the configured base model in ``cache_dir`` (once) and return a reference to it."""
     source = _cfg_get(model_cfg, "source")
     name = _cfg_get(model_cfg, "name")
-    trust = bool(_cfg_get(model_cfg, "trust_remote_code", False))
+    # Off unless the model's YAML says `trust_remote_code: true`: remote code is arbitrary Python.
+    trust = _cfg_get(model_cfg, "trust_remote_code", False) is True
     cache_dir = Path(cache_dir)
+    from instructdiff.atomic import ensure_dir
+
+    ensure_dir(cache_dir / "models", "the model cache (paths.cache_dir)")
     if source == "gguf_package":
         return _resolve_gguf_package(model_cfg, cache_dir)
     if source == "tiny":
@@ -214,7 +218,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 def load_tokenizer(ref: ModelRef):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=ref.trust_remote_code, revision=ref.revision)
+    tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=ref.trust_remote_code is True,
+                                        revision=ref.revision)
     if tok.pad_token is None:
         # Reuse EOS for padding instead of adding a token: resizing embeddings would make the base and
         # calibrated models differ in vocabulary (METHODS §1.4 quirk 7).
@@ -222,14 +227,42 @@ def load_tokenizer(ref: ModelRef):
     return tok
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_safe_weights(path: str | Path) -> None:
+    """Raise unless a local model directory holds safetensors weights.
+
+    Pickle-based checkpoints (pytorch_model.bin, *.pt) can execute code when unpickled, so instructdiff never
+    loads them; GGUF files are converted to safetensors once (``gguf_package``) and loaded from there.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a Hub id: from_pretrained(use_safetensors=True) enforces the same rule remotely
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    found = f"it has only pickle-based weights ({', '.join(pickles)})" if pickles else "it has no weights"
+    raise ValueError(f"model directory {folder}: no *.safetensors file; {found}. instructdiff loads weights "
+                     "only from safetensors (or GGUF via model.source=gguf_package), never from pickles, which "
+                     "can run code when loaded. Convert once in an environment you trust: "
+                     "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+
+
 def load_model(ref: ModelRef, dtype: str = "float32", device: str | torch.device = "auto"):
-    """Load weights for inference or training; ``dtype`` is the storage dtype of the weights."""
+    """Load weights for inference or training; ``dtype`` is the storage dtype of the weights.
+
+    Only safetensors weights are read (see :func:`check_safe_weights`), and model code from the Hub or the
+    directory runs only when the model's config sets ``trust_remote_code: true``.
+    """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    check_safe_weights(ref.path)
     model = AutoModelForCausalLM.from_pretrained(
-        ref.path, dtype=torch_dtype, trust_remote_code=ref.trust_remote_code, revision=ref.revision
+        ref.path, dtype=torch_dtype, trust_remote_code=ref.trust_remote_code is True, revision=ref.revision,
+        use_safetensors=True,
     )
     model.to(pick_device(device) if isinstance(device, str) else device)
     model.eval()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from instructdiff import PROJECT_ROOT, __version__
 from instructdiff.data import load_pool, original_records
 from instructdiff.models import ModelRef, load_model, load_tokenizer, resolve_model, trained_ref
+from instructdiff.queries import load_queries
 from instructdiff.render import Renderer, render_pool
 from instructdiff.rows import Row, fingerprint_rows, stable_hash
 from instructdiff.scoring import ScoreStore, ScoreTable
@@ -59,9 +59,10 @@ def code_hash() -> str:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    """Publish ``obj`` at ``path`` whole or not at all (temp file + os.replace); clear OutputError on failure."""
+    from instructdiff.atomic import atomic_write_json
+
+    atomic_write_json(path, obj, path.name, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
@@ -104,6 +105,9 @@ class Pipeline:
         self.timer = Timer()
         self.cache_events: list[dict] = []
         self.trainings: list[dict] = []
+        # estimated FLOPs of every model pass asked for, cached or not (instructdiff.cost); see _cost_event
+        self.cost_events: list[dict] = []
+        self._selecting = False
         self.render_cfg = {"template": cfg.render.template, "system_prompt": cfg.render.system_prompt,
                            "max_length": cfg.domain.get("max_length")}
         self.trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -115,6 +119,23 @@ class Pipeline:
     def note_cache(self, stage: str, key: str, hit: bool, what: str) -> None:
         self.cache_events.append({"stage": stage, "key": key, "hit": hit, "what": what})
         self.say(f"[{stage}] {'cached, skipping' if hit else 'computing'}: {what} ({key})")
+
+    def _cost_event(self, stage: str, what: str, ref: ModelRef, cached: bool, estimate: Callable) -> None:
+        """Record one model pass: ``estimate(ModelParams) -> {tokens, flops_uncached, ...}`` is its from-scratch
+        cost; ``flops`` (incurred here) is 0 when it came from the cache. Passes made inside a selector's
+        ``select`` are its selection cost. An estimate that fails is recorded as not estimated, never guessed."""
+        from instructdiff.cost import model_params
+
+        event: dict[str, Any] = {"stage": stage, "what": what, "model": ref.name, "cached": bool(cached),
+                                 "selection": self._selecting}
+        try:
+            event.update(estimate(model_params(ref.path, ref.trust_remote_code, ref.revision)))
+        except Exception as e:  # e.g. a config transformers cannot build: the run goes on, the gap is shown
+            log.warning("no FLOPs estimate for %s (%s): %s", what, ref.name, e)
+            event.update({"tokens": None, "flops_uncached": None, "rule": f"not estimated: {e}"})
+        unc = event["flops_uncached"]
+        event["flops"] = None if unc is None else (0.0 if cached else unc)
+        self.cost_events.append(event)
 
     # -- calibrate / train ---------------------------------------------------------------------------
     def train_model(self, rows: list[Row], purpose: str, stage: str) -> ModelRef:
@@ -136,6 +157,10 @@ class Pipeline:
                     train_sft(self.base, rows, self.cfg.trainer, self.render_cfg, out, self.seed)
             stats = json.loads((out / "train_stats.json").read_text())
         self.trainings.append({"purpose": purpose, "key": key, "cached": done, **stats})
+        from instructdiff.cost import training_cost
+
+        self._cost_event(stage, f"SFT on {len(rows)} rows ({purpose})", self.base, done,
+                         lambda p: {**training_cost(p, self.trainer_cfg, stats), "rule": "training"})
         return trained_ref(f"{self.base.name}+{purpose}", out, key)
 
     # -- score ---------------------------------------------------------------------------------------
@@ -167,9 +192,16 @@ class Pipeline:
                 raise StageNotEnabled(f"scores of {ref.name} are not cached and 'score' is not in pipeline.stages")
             return load_model(ref, dtype="float32", device=self.cfg.score.device)
 
+        misses = self.store.misses
         with self.timer.stage("score"):
-            return self.store.response_stats(loader, ref.fingerprint, rendered, render_fp, settings,
-                                             desc=f"score {desc}")
+            table = self.store.response_stats(loader, ref.fingerprint, rendered, render_fp, settings,
+                                              desc=f"score {desc}")
+        from instructdiff.cost import signal_cost
+
+        # NLL / entropy: one forward pass over prompt + response of every row
+        self._cost_event("score", f"{desc} model scores", ref, self.store.misses == misses,
+                         lambda p: signal_cost("response_stats", {}, rendered, p))
+        return table
 
     def renderer_for(self, ref: ModelRef) -> tuple[Renderer, list, str]:
         """(renderer, rendered pool, render fingerprint) for a model's tokenizer; the base's when they match."""
@@ -185,25 +217,42 @@ class Pipeline:
             self._renderers[ref.fingerprint] = cached
         return cached
 
-    def signal(self, ref: ModelRef, name: str, **options) -> dict:
-        """A registered signal (instructdiff.signals) of ``ref`` over the pool, computed once and cached."""
+    def signal(self, ref: ModelRef, name: str, rows: list[Row] | None = None, **options) -> dict:
+        """A registered signal (instructdiff.signals) of ``ref`` over the pool, computed once and cached.
+
+        ``rows``: compute it over these rows instead (e.g. a domain's query set), rendered with ``ref``'s
+        renderer and cached by their content ids; rows the renderer drops (too long) are left out, and the
+        result's ``ids`` array names the rows it holds, in order."""
+        from instructdiff.cost import signal_cost
         from instructdiff.signals import SignalInputs, get_signal
 
         fn = get_signal(name)
         renderer, rendered, render_fp = self.renderer_for(ref)
+        signal_rows, rows_fp = self.pool, self.pool_fp
+        if rows is not None:
+            rendered, _ = render_pool(renderer, rows)
+            by_id = {r.id: r for r in rows}
+            signal_rows = [by_id[r.id] for r in rendered]
+            rows_fp = fingerprint_rows(signal_rows)
 
         def compute() -> dict:
             if "score" not in self.stages:
                 raise StageNotEnabled(f"signal {name} of {ref.name} is not cached and 'score' is not in "
                                       "pipeline.stages")
             model = load_model(ref, dtype="float32", device=self.cfg.score.device)
-            inputs = SignalInputs(model, renderer.tokenizer, renderer, self.pool, rendered,
+            inputs = SignalInputs(model, renderer.tokenizer, renderer, signal_rows, rendered,
                                   next(model.parameters()).device, self.seed)
-            return fn(inputs, options)
+            out = fn(inputs, options)
+            return out if rows is None else {**out, "ids": np.array([r.id for r in signal_rows], dtype=str)}
 
+        what = f"{name} of {ref.name}" + ("" if rows is None else f" over {len(signal_rows)} given rows")
+        misses = self.store.misses
         with self.timer.stage("score"):
-            return self.store.arrays(ref.fingerprint, self.pool_fp, render_fp, name,
-                                     {k: options[k] for k in sorted(options)}, compute, f"{name} of {ref.name}")
+            out = self.store.arrays(ref.fingerprint, rows_fp, render_fp, name,
+                                    {k: options[k] for k in sorted(options)}, compute, what)
+        self._cost_event("score", what, ref, self.store.misses == misses,
+                         lambda p: signal_cost(name, options, rendered, p))
+        return out
 
     def resolve_selector_model(self, selector: Selector) -> ModelRef:
         if not selector.model:
@@ -221,12 +270,16 @@ class Pipeline:
         selector_cfg = OmegaConf.to_container(self.cfg.selector, resolve=True)
         key = stable_hash({"pool": self.pool_fp, "base": self.base.fingerprint, "render": self.render_fp,
                            "selector": selector_cfg, "seed": self.seed, "v": STAGE_VERSIONS["select"],
-                           "trainer": self.trainer_cfg if selector.uses_training else None})
+                           "trainer": self.trainer_cfg if selector.uses_training else None,
+                           # a selector that matches against domain.query depends on those rows' content
+                           **({"queries": fingerprint_rows(load_queries(self.cfg.domain))}
+                              if selector.uses_queries else {})})
         path = self.cache / "selections" / f"{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             self.note_cache("select", key, True, f"selection by {type(selector).__name__}")
             d = json.loads(path.read_text())
+            self._restore_selection_cost(d.get("cost"))
             return Selection(d["selected"], d["status"], d["scores"], d["stats"])
         if "select" not in self.stages:
             raise StageNotEnabled("no cached selection for this configuration and 'select' is not in "
@@ -238,16 +291,43 @@ class Pipeline:
             calibrate=lambda rows, purpose: self.train_model(rows, f"calibration-{purpose}", "calibrate"),
             train=lambda rows, purpose: self.train_model(rows, f"selection-{purpose}", "calibrate"),
             signal=self.signal, selector_model=self.resolve_selector_model(selector),
-            log=self.say,
+            queries=lambda n=None: load_queries(self.cfg.domain, n), log=self.say,
         )
         t0 = time.time()
         before = dict(self.timer.seconds)
-        selection = selector.select(ctx)
+        n_events = len(self.cost_events)
+        self._selecting = True  # every model pass from here on is this selector's selection cost
+        try:
+            selection = selector.select(ctx)
+        finally:
+            self._selecting = False
+        self.selection_seconds = self.selection_seconds_recorded = round(time.time() - t0, 3)
+        selection_cost = {"events": self.cost_events[n_events:], "seconds": self.selection_seconds}
         own = time.time() - t0 - sum(self.timer.seconds.get(k, 0) - before.get(k, 0) for k in self.timer.seconds)
         self.timer.seconds["select"] = round(own, 3)
+        limit = selector.budget.limit(len(self.pool), ctx.pool_tokens)
+        available = len(self.pool) if selector.budget.unit == "samples" else ctx.pool_tokens
+        if limit > available:
+            # not an error (budget.count=1000 on a small pool is a common sweep setting), but never silent
+            note = (f"budget {limit} {selector.budget.unit} exceeds the pool's {available}: every row the "
+                    f"selector kept is selected ({len(selection.selected)})")
+            log.warning("[select] %s", note)
+            selection.stats.setdefault("notes", []).append(note)
+        from instructdiff.faults import crash_point
+
+        crash_point("select.publish")
         _atomic_write_json(path, {"selected": selection.selected, "status": selection.status,
-                                  "scores": selection.scores, "stats": selection.stats})
+                                  "scores": selection.scores, "stats": selection.stats,
+                                  "cost": selection_cost})
         return selection
+
+    def _restore_selection_cost(self, cost: dict | None) -> None:
+        """A cached selection costs nothing now; its recorded passes still tell what it costs from scratch."""
+        self.selection_seconds = 0.0
+        self.selection_seconds_recorded = (cost or {}).get("seconds")
+        for e in (cost or {}).get("events", []):
+            self.cost_events.append({**e, "cached": True, "selection": True,
+                                     "flops": None if e.get("flops_uncached") is None else 0.0})
 
     def complexity_aware_rows(self, rows: list[Row]) -> tuple[list[Row], dict]:
         """Complexity-aware training (arXiv 2506.21220, METHODS §6), offline form: easy and medium rows train
@@ -294,13 +374,28 @@ class Pipeline:
         out = self.cache / "eval" / key
         result_path = out / "eval_results.json"
         with FileLock(str(out) + ".lock"):
+            from instructdiff.cost import count_forward_tokens, forward_flops
+
+            # lm-eval's token counts are measured (count_forward_tokens) and kept beside the cached result
+            cost_path = out / "eval_cost.json"
             if result_path.exists():
                 self.note_cache("eval", key, True, f"{label} model evaluation")
+                measured = json.loads(cost_path.read_text()) if cost_path.exists() else None
+                self._cost_event("eval", f"{label} model evaluation", ref, True, lambda p: {
+                    "tokens": measured["tokens"], "rule": "measured forward positions",
+                    "flops_uncached": forward_flops(p.forward, measured["tokens"])} if measured else {
+                    "tokens": None, "flops_uncached": None,
+                    "rule": "not estimated: evaluated (and cached) before token counting"})
                 return json.loads(result_path.read_text())
             self.note_cache("eval", key, False, f"{label} model evaluation")
             out.mkdir(parents=True, exist_ok=True)
-            with self.timer.stage("eval"):
-                return evaluate_model(ref, OmegaConf.create(eval_cfg), out, device=self.cfg.score.device)
+            with self.timer.stage("eval"), count_forward_tokens() as counter:
+                result = evaluate_model(ref, OmegaConf.create(eval_cfg), out, device=self.cfg.score.device)
+            _atomic_write_json(cost_path, {"tokens": counter.tokens, "calls": counter.calls})
+            self._cost_event("eval", f"{label} model evaluation", ref, False, lambda p: {
+                "tokens": counter.tokens, "rule": "measured forward positions",
+                "flops_uncached": forward_flops(p.forward, counter.tokens)})
+            return result
 
     # -- whole run -----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -354,6 +449,10 @@ class Pipeline:
             if trained is not None:
                 results["eval"]["trained"] = self.evaluate(trained, "trained")
         results["seconds"] = self.timer.seconds
+        from instructdiff.cost import summarize
+
+        results["cost"] = summarize(self.cost_events, self.timer.seconds, getattr(self, "selection_seconds", None),
+                                    getattr(self, "selection_seconds_recorded", None))
         results["cache"] = {"events": self.cache_events, "score_store": self.store.stats(),
                             "hits": sum(e["hit"] for e in self.cache_events),
                             "misses": sum(not e["hit"] for e in self.cache_events)}
@@ -362,8 +461,18 @@ class Pipeline:
         return results
 
     def _write_selection(self, selection: Selection, load_dropped: list[dict], rows: list[Row]) -> None:
-        """selection.jsonl holds every row read (dropped ones too); subset.jsonl the chosen rows."""
-        with open(self.run_dir / "selection.jsonl", "w") as fh:
+        """selection.jsonl holds every row read (dropped ones too); subset.jsonl the chosen rows.
+
+        Both are published atomically, and only after the row accounting balances: a run that would lose a
+        row raises instead of writing a record that looks complete.
+        """
+        from instructdiff.atomic import atomic_open
+
+        self.accounting = self._accounting(selection)
+        if not self.accounting["balanced"]:
+            raise RuntimeError(f"row accounting does not balance, refusing to write selection.jsonl: "
+                               f"{self.accounting}")
+        with atomic_open(self.run_dir / "selection.jsonl", "w", "selection.jsonl", encoding="utf-8") as fh:
             rank = {i: k for k, i in enumerate(selection.selected)}
             for r in self.pool:
                 status = selection.status[r.id]
@@ -375,18 +484,54 @@ class Pipeline:
                 fh.write(json.dumps({"id": d.get("id"), "status": "dropped", "reason": d.get("reason"),
                                      "source": d.get("source"), "rank": None, "scores": {}}) + "\n")
         by_id = {r.id: r for r in rows}
-        with open(self.run_dir / "subset.jsonl", "w") as fh:
+        with atomic_open(self.run_dir / "subset.jsonl", "w", "subset.jsonl", encoding="utf-8") as fh:
             for rec in original_records([by_id[i] for i in selection.selected]):
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def _accounting(self, selection: Selection | None) -> dict:
+        """selected + not_selected + dropped = input rows, with every drop reason counted.
+
+        ``input_rows`` are the records read from the pool files (blank lines are not records). Rows left out
+        by the ``domain.pool_size`` subsample count as dropped with reason ``not_in_pool_sample``; they are
+        the only drops not listed one by one in selection.jsonl (``listed`` says how many lines it has).
+        """
+        from collections import Counter
+
+        report, render_dropped = self.report, self.render_dropped
+        reasons: Counter[str] = Counter(d["reason"].split(":", 1)[0] for d in report.dropped)
+        not_sampled = report.n_available - report.n_kept
+        if not_sampled:
+            reasons["not_in_pool_sample"] += not_sampled
+        reasons.update(d["reason"].split(" ", 1)[0] for d in render_dropped)
+        selected = not_selected = 0
+        if selection is None:
+            not_selected = len(self.pool)
+        else:
+            for status in selection.status.values():
+                if status == "selected":
+                    selected += 1
+                elif status == "not_selected":
+                    not_selected += 1
+                else:
+                    reasons[status.split(":", 1)[1] if ":" in status else status] += 1
+        dropped = sum(reasons.values())
+        return {"input_rows": report.n_read, "selected": selected, "not_selected": not_selected,
+                "dropped": dropped, "dropped_reasons": dict(sorted(reasons.items())),
+                "listed": len(self.pool) + len(report.dropped) + len(render_dropped),
+                "balanced": selected + not_selected + dropped == report.n_read
+                and (selection is None or len(selection.status) == len(self.pool))}
 
     def _write_manifest(self, report, render_dropped: list[dict], selection: Selection | None) -> None:
         import torch
         import transformers
         import trl
 
+        from instructdiff.tracking import mask_secrets
+
         manifest = {
             "instructdiff_version": __version__, "code_hash": code_hash(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            # keys that look like credentials (token, key, secret, password) are masked: manifests get shared
+            "config": mask_secrets(OmegaConf.to_container(self.cfg, resolve=True)),
             "base_model": {"name": self.base.name, "path": self.base.path, "fingerprint": self.base.fingerprint},
             "data_files": {f: _sha256(f) for f in sorted({r.meta["source_file"] for r in self.rows
                                                              if "source_file" in r.meta})},
@@ -394,6 +539,7 @@ class Pipeline:
                      "report": report.to_dict() if hasattr(report, "to_dict") else str(report),
                      "n_dropped_by_renderer": len(render_dropped)},
             "counts": selection.stats.get("counts") if selection else None,
+            "accounting": getattr(self, "accounting", None) or self._accounting(selection),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},
         }

@@ -7,9 +7,16 @@ Writes into the multirun directory (or ``--out``):
     report.csv       the results table in long form: one row per (domain, setting, fraction, selector, metric)
     runs.csv         one row per job: status (ok | missing/failed | not started), selector, seed, directory
     overlap.csv      Jaccard of the selected id sets between selectors, mean over seeds
-    cost.csv         wall time per stage, scoring passes, trainings and cache hits/misses per selector
+    cost.csv         wall time per stage, scoring passes, trainings, cache hits/misses and estimated FLOPs
+                     (selection from scratch and in this run, training, evaluation) per selector
     *.png            metric against the data fraction (and any other swept numeric selector option, e.g.
-                     warmup_ratio, rounds), ΔH / ΔNLL distributions, overlap heatmaps, cost bars
+                     warmup_ratio, rounds), metric against selection FLOPs (``pareto_<domain>.png``, the
+                     cost view of Ivison et al. 2025, arXiv 2503.01807), ΔH / ΔNLL distributions, overlap
+                     heatmaps, cost bars
+
+FLOPs come from each run's ``results.json["cost"]`` (instructdiff/cost.py). The selection cost shown is the
+from-scratch one (``selection_flops_uncached``): a selector whose scores another job had cached still costs what
+computing them costs, so the comparison does not depend on the order the sweep ran in.
 
 A job is a directory with a ``.hydra/`` folder (Hydra writes it before the job starts); one without
 ``results.json`` crashed, was interrupted or is still running and is listed as missing. Jobs of a sweep that
@@ -44,6 +51,10 @@ IGNORED_KEYS = ("paths.", "logger", "hydra.")
 LOWER_IS_BETTER = ("bits_per_byte", "perplexity", "loss", "nll", "bpb")
 STAGE_ORDER = ("data", "calibrate", "score", "select", "train", "eval")
 MAX_DELTA_GROUPS = 8
+# cost.csv column -> results.json["cost"] key (instructdiff/cost.py), mean over a selector's runs
+COST_COLUMNS = (("mean_selection_flops", "selection_flops_uncached"),
+                ("mean_selection_flops_this_run", "selection_flops"), ("mean_train_flops", "train_flops"),
+                ("mean_eval_flops", "eval_flops"), ("mean_total_flops", "total_flops"))
 
 
 # -- statistics ---------------------------------------------------------------------------------------------
@@ -303,6 +314,31 @@ def _fmt_frac(f: float | None) -> str:
     return "—" if f is None else f"{f:g}"
 
 
+def _fmt_flops(x: float | None) -> str:
+    """FLOPs in engineering notation (2.3e+12); 0 stays 0 (a model-free selector), None is unknown."""
+    if x is None or not math.isfinite(x):
+        return "—"
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def _mean_or_none(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def pareto_front(points: Sequence[tuple[float, float]], lower_better: bool = False) -> list[int]:
+    """Indices of the points no other point dominates (cost ≤ and metric at least as good, one strictly),
+    in order of cost: the frontier of the metric-vs-cost plot."""
+    sign = -1.0 if lower_better else 1.0
+    front = []
+    for i, (c, m) in enumerate(points):
+        dominated = any((c2 <= c and sign * m2 >= sign * m) and (c2 < c or sign * m2 > sign * m)
+                        for k, (c2, m2) in enumerate(points) if k != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -sign * points[i][1]))
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "x"
 
@@ -452,6 +488,15 @@ class Report:
             out.append(relative_gain(st[0], rs[0] if rs else None, metric) if rs else None)
         return out[0], out[1]
 
+    def selection_flops(self, g: Group) -> float | None:
+        """Mean from-scratch selection FLOPs over the group's runs (None for the base row and for runs made
+        before cost accounting)."""
+        if g.label == BASE_LABEL:
+            return None
+        return _mean_or_none([
+            _num((j.results.get("cost") or {}).get("selection_flops_uncached")) for j in self.ok
+            if (j.domain, j.setting, j.fraction, j.label) == (g.domain, g.setting, g.fraction, g.label)])
+
     # -- tables -----------------------------------------------------------------------------------------
     def results_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -470,6 +515,7 @@ class Report:
                     "ci95_low": None if half is None else mean - half,
                     "ci95_high": None if half is None else mean + half,
                     "gain_vs_full_pct": gf, "gain_vs_random_pct": gr,
+                    "selection_flops": self.selection_flops(g),
                 })
         return rows
 
@@ -518,6 +564,8 @@ class Report:
                                             for t in j.results.get("trainings", []))
             row["cache_hits"] = sum((j.results.get("cache") or {}).get("hits", 0) for j in jobs)
             row["cache_misses"] = sum((j.results.get("cache") or {}).get("misses", 0) for j in jobs)
+            for col, key in COST_COLUMNS:
+                row[col] = _mean_or_none([_num((j.results.get("cost") or {}).get(key)) for j in jobs])
             rows.append(row)
         return rows
 
@@ -698,6 +746,55 @@ class Report:
         plt.close(fig)
         return ["cost.png"]
 
+    def plot_pareto(self, out: Path) -> list[str]:
+        """Per domain, each trained metric against the from-scratch selection FLOPs of every selector group
+        (mean over seeds, 95% CI as error bars), the Pareto frontier dashed; x is symlog so the model-free
+        selectors (0 FLOPs) sit on the axis. Drawn where at least two groups have a known cost."""
+        files = []
+        for domain in sorted({g.domain for g in self.groups.values()}):
+            groups = [g for g in self.ordered_groups(domain) if g.label != BASE_LABEL]
+            costed = [(g, c) for g in groups if (c := self.selection_flops(g)) is not None]
+            if len(costed) < 2:
+                continue
+            metrics = sorted({m for g, _ in costed for m in g.values})
+            plt, fig, axes = self._metric_axes(len(metrics), f"{domain}: metric against selection FLOPs "
+                                               "(from scratch)")
+            positive = [c for _, c in costed if c > 0]
+            several_fractions = len({g.fraction for g, _ in costed if g.label != "full"}) > 1
+            base = next((g for g in self.ordered_groups(domain) if g.label == BASE_LABEL), None)
+            for ax, m in zip(axes, metrics, strict=True):
+                pts, labels = [], []
+                for k, (g, c) in enumerate(costed):
+                    st = g.stats(m)
+                    if st is None:
+                        continue
+                    name = g.label + (f" @{_fmt_frac(g.fraction)}" if several_fractions else "")
+                    name += f" ({g.setting})" if g.setting else ""
+                    ax.errorbar([c], [st[0]], yerr=[st[1] or 0.0], marker="o", capsize=3, ls="none",
+                                color=f"C{k % 10}", label=name)
+                    pts.append((c, st[0]))
+                    labels.append(name)
+                front = pareto_front(pts, lower_is_better(m))
+                if len(front) > 1:
+                    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], ls="--", color="grey",
+                            lw=1, label="Pareto frontier")
+                for (c, v), name in zip(pts, labels, strict=True):
+                    ax.annotate(name, (c, v), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                if positive:
+                    ax.set_xscale("symlog", linthresh=min(positive) / 10)
+                ax.set_xlabel("selection FLOPs per run (symlog; 0 = model-free)")
+                ax.set_ylabel(m + (" (lower is better)" if lower_is_better(m) else ""))
+                base_st = base.stats(m) if base is not None else None
+                if base_st is not None:  # the untrained model: what any selection has to beat
+                    ax.axhline(base_st[0], ls=":", color="black", lw=1, label=BASE_LABEL)
+                ax.legend(fontsize=6)
+            fig.tight_layout()
+            name = f"pareto_{_slug(domain)}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            files.append(name)
+        return files
+
     # -- writing ----------------------------------------------------------------------------------------
     def write(self, out: Path | None = None) -> Path:
         out = Path(out).resolve() if out else self.root
@@ -713,10 +810,12 @@ class Report:
         self.plots += [("ΔH / ΔNLL distributions", f) for f in self.plot_deltas(out)]
         self.plots += [("selection overlap", f) for f in self.plot_overlap(out, overlap)]
         self.plots += [("cost", f) for f in self.plot_cost(out, cost)]
+        self.plots += [("metric against selection FLOPs", f) for f in self.plot_pareto(out)]
 
         _write_csv(out / "report.csv", rows, list(rows[0]) if rows else [
             "domain", "setting", "fraction", "selector", "metric", "lower_is_better", "n_seeds", "seeds",
-            "mean", "ci95_half_width", "ci95_low", "ci95_high", "gain_vs_full_pct", "gain_vs_random_pct"])
+            "mean", "ci95_half_width", "ci95_low", "ci95_high", "gain_vs_full_pct", "gain_vs_random_pct",
+            "selection_flops"])
         _write_csv(out / "runs.csv", [
             {"status": j.status, "domain": j.domain, "selector": j.label, "fraction": j.fraction,
              "seed": j.seed, "setting": j.setting, "job": j.num, "dir": str(j.path or j.sweep),
@@ -759,14 +858,15 @@ class Report:
             groups = self.ordered_groups(domain)
             metrics = sorted({m for g in groups for m in g.values})
             with_setting = any(g.setting for g in groups)
-            header = ["selector", "fraction", *(["setting"] if with_setting else []), "seeds"]
+            header = ["selector", "fraction", *(["setting"] if with_setting else []), "seeds",
+                      "selection FLOPs"]
             for m in metrics:
                 header += [m + (" ↓" if lower_is_better(m) else ""), "vs full", "vs random"]
             table = []
             for g in groups:
                 ns = {st[2] for m in metrics if (st := g.stats(m))}
                 row = [g.label, _fmt_frac(g.fraction), *([g.setting] if with_setting else []),
-                       "/".join(str(n) for n in sorted(ns))]
+                       "/".join(str(n) for n in sorted(ns)), _fmt_flops(self.selection_flops(g))]
                 for m in metrics:
                     st = g.stats(m)
                     gf, gr = self.gains(g, m)
@@ -792,14 +892,21 @@ class Report:
         md += ["## Cost", "",
                "Mean wall time per stage per run (s, results.json `seconds`), scoring passes actually run, "
                "trainings actually run, cache hits and misses (summed over runs). Work another job had "
-               "already cached costs ~0 here, so the first job of a shared computation carries its cost.", ""]
+               "already cached costs ~0 here, so the first job of a shared computation carries its cost.", "",
+               "Estimated FLOPs, mean per run (results.json `cost`; forward 2·P·T, SFT 6·P·T·epochs, P = "
+               "parameters without the input embedding table, T = tokens; instructdiff/cost.py): **selection** "
+               "= every model pass the selector made (calibration, scoring, signals) counted from scratch, "
+               "*selection (this run)* = the part not served from a cache, then the final training and the "
+               "evaluation of base and trained model. Model-free selectors (random, full, length) cost 0.", ""]
         if cost:
             md += _md_table(["domain", "selector", "runs", *STAGE_ORDER, "total", "score passes", "score s",
-                             "trainings", "cache hits", "cache misses"],
+                             "trainings", "cache hits", "cache misses", "selection FLOPs",
+                             "selection FLOPs (this run)", "train FLOPs", "eval FLOPs"],
                             [[r["domain"], r["selector"], r["runs"],
                               *(f"{r[f'mean_s_{s}']:.1f}" for s in STAGE_ORDER),
                               f"{r['mean_s_total']:.1f}", r["score_passes"], f"{r['score_s']:.1f}",
-                              r["trainings_computed"], r["cache_hits"], r["cache_misses"]] for r in cost])
+                              r["trainings_computed"], r["cache_hits"], r["cache_misses"],
+                              *(_fmt_flops(r[c]) for c, _ in COST_COLUMNS[:4])] for r in cost])
         else:
             md.append("No finished runs.")
         md += ["", "## Plots", ""]

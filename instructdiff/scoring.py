@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from instructdiff.atomic import atomic_open, ensure_dir
+from instructdiff.faults import crash_point
 from instructdiff.render import Rendered
 from instructdiff.rows import stable_hash
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 # prompt position, raw, no generation processors) — the complexity signal of METHODS §6.
 RESPONSE_SIGNALS = ("nll", "entropy", "n_tokens", "first_token_entropy")
 SCORING_VERSION = 2
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -46,6 +48,13 @@ class ScoreTable:
 
     def get(self, signal: str) -> dict[str, float]:
         return dict(zip(self.ids, self.values[signal].tolist(), strict=True))
+
+    def non_finite_ids(self, signals: tuple[str, ...] = ("nll", "entropy")) -> list[str]:
+        """Ids whose ``signals`` hold NaN or inf (a failed or overflowed sample), in table order."""
+        bad = np.zeros(len(self.ids), dtype=bool)
+        for s in signals:
+            bad |= ~np.isfinite(self.values[s])
+        return [i for i, b in zip(self.ids, bad.tolist(), strict=True) if b]
 
     def aligned(self, signal: str, ids: list[str]) -> np.ndarray:
         index = {i: k for k, i in enumerate(self.ids)}
@@ -94,8 +103,9 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
                 dtype: str = "fp32", per_token: bool = False):
     """(len(batch), 4) array of nll, entropy, n_tokens, first_token_entropy for each rendered sample.
 
-    dtype=bf16 runs the transformer body under bf16 autocast (AMX on recent CPUs, tensor cores on GPUs);
-    the LM head, log-softmax and entropy stay in fp32 either way.
+    dtype=bf16 (or fp16) runs the transformer body under autocast (AMX on recent CPUs, tensor cores on GPUs);
+    the LM head, log-softmax and entropy stay in fp32 either way. A sample whose activations overflow the
+    autocast range comes out NaN (never clipped to a plausible number); ``ScoreStore`` reports its id.
     """
     if dtype not in DTYPES:
         raise ValueError(f"score.dtype must be one of {DTYPES}, got {dtype!r}")
@@ -118,7 +128,7 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
     labels = ids[rows, cols + 1]
 
     body, head = _decoder_and_head(model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.autocast(device.type, dtype=_AUTOCAST.get(dtype, torch.bfloat16), enabled=dtype in _AUTOCAST):
         if body is not None:
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
             selected = hidden[rows.to(device), cols.to(device)].float()
@@ -170,8 +180,7 @@ class ScoreStore:
     """
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = ensure_dir(root, "the score cache (paths.cache_dir)")
         self.hits = 0
         self.misses = 0
         self.passes: list[dict] = []
@@ -197,13 +206,16 @@ class ScoreStore:
             if path.exists():
                 self.hits += 1
                 log.info("%s: cache hit %s", desc, path.name)
-                return self._read(path)
+                table = self._read(path)
+                # a cached table with NaNs is reported again: this run's user has not seen the first warning
+                report_non_finite(table, desc, str(settings.get("dtype", "fp32")))
+                return table
             self.misses += 1
             t0 = time.time()
             table = self._compute(model_loader(), rendered, settings, path, desc)
             n_tok = int(sum(len(r.completion_ids) + len(r.prompt_ids) for r in rendered))
             self.passes.append({"desc": desc, "key": key, "samples": len(rendered), "tokens": n_tok,
-                                "seconds": round(time.time() - t0, 3)})
+                                "seconds": round(time.time() - t0, 3), "non_finite_ids": table.non_finite_ids()})
             return table
 
     def _distributed(self, model_loader, rendered: list[Rendered], settings: dict, path: Path, key: str,
@@ -241,9 +253,8 @@ class ScoreStore:
 
     @staticmethod
     def _write(path: Path, ids: list[str], values: np.ndarray) -> None:
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, ids=np.array(ids), **{s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
-        os.replace(tmp, path)
+        with atomic_open(path, "wb", "a score table") as fh:
+            np.savez(fh, ids=np.array(ids), **{s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
 
     def _compute(self, model, rendered: list[Rendered], settings: dict, path: Path, desc: str) -> ScoreTable:
         partial = path.with_name(path.stem + ".partial.npz")
@@ -267,15 +278,15 @@ class ScoreStore:
             if n_batch % every == 0:
                 ids = list(done)
                 self._write(partial, ids, np.stack([done[i] for i in ids]))
+                crash_point("score.checkpoint")
         bar.close()
         ids = [r.id for r in rendered]
         values = np.stack([done[i] for i in ids]) if ids else np.zeros((0, len(RESPONSE_SIGNALS)))
         self._write(path, ids, values)
         partial.unlink(missing_ok=True)
-        n_bad = int((~np.isfinite(values[:, :2])).any(axis=1).sum()) if len(ids) else 0
-        if n_bad:
-            log.warning("%s: %d samples have non-finite scores (kept as NaN, counted downstream)", desc, n_bad)
-        return ScoreTable(ids, {s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
+        table = ScoreTable(ids, {s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
+        report_non_finite(table, desc, str(settings.get("dtype", "fp32")))
+        return table
 
     def arrays(self, model_fp: str, pool_fp: str, render_fp: str, kind: str, options: dict,
                compute: Callable[[], dict[str, np.ndarray]], desc: str) -> dict[str, np.ndarray]:
@@ -294,14 +305,30 @@ class ScoreStore:
             self.misses += 1
             t0 = time.time()
             arrays = compute()
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            with atomic_open(path, "wb", f"the {kind} signal cache") as fh:
+                np.savez(fh, **arrays)
             self.passes.append({"desc": desc, "key": key, "kind": kind, "seconds": round(time.time() - t0, 3)})
             return arrays
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "passes": self.passes}
+
+
+def report_non_finite(table: ScoreTable, desc: str, dtype: str) -> list[str]:
+    """Log (and return) the ids of samples whose NLL or entropy is NaN/inf.
+
+    They stay NaN in the table: a clipped or default value would be ranked as if it were a measurement.
+    Selectors drop them with reason ``non_finite_score`` before sorting; the ids here tell the user which
+    samples to inspect, and under reduced precision that the autocast range overflowed.
+    """
+    bad = table.non_finite_ids()
+    if bad:
+        cause = (f"overflow of the {dtype} range in the transformer body (score.dtype=fp32 avoids it)"
+                 if dtype in _AUTOCAST else "non-finite model outputs")
+        shown = ", ".join(bad[:20]) + (f", ... ({len(bad) - 20} more)" if len(bad) > 20 else "")
+        log.warning("%s: %d of %d samples have non-finite scores: %s; sample ids: %s (kept as NaN, dropped "
+                    "and counted by the selectors)", desc, len(bad), len(table.ids), cause, shown)
+    return bad
 
 
 def save_scores_json(path: Path, table: ScoreTable) -> None:

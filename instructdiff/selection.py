@@ -128,6 +128,9 @@ class SelectionContext:
     signal: Callable[..., dict[str, np.ndarray]] | None = None
     # the model a selector scores with: selector.model (a conf/model name) or, by default, the base model
     selector_model: ModelRef | None = None
+    # n -> the first n rows (all when None) of the domain's query set (domain.query; instructdiff.queries):
+    # target-domain examples disjoint from the eval items, for selectors that match the pool against them (rds)
+    queries: Callable[..., list[Row]] | None = None
     log: Callable[[str], None] = print
 
     @property
@@ -151,6 +154,8 @@ class Selector(ABC):
     uses_models: bool = False
     #: does it fine-tune models (ctx.calibrate / ctx.train)? Then the trainer config is part of its cache key.
     uses_training: bool = False
+    #: does it read the domain's query set (ctx.queries)? Then those rows are part of its cache key.
+    uses_queries: bool = False
 
     def __init__(self, budget: Any = None, model: str | None = None) -> None:
         self.budget = Budget.from_cfg(budget if budget is not None else {})

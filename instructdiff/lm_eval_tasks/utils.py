@@ -239,20 +239,77 @@ def mbpp_program(doc: dict, generation: str) -> str:
     return f"{setup}\n{extract_code(generation)}\n\n{tests}\n"
 
 
-def run_program(program: str, timeout: float = PROGRAM_TIMEOUT_S) -> bool:
+# Limits of one evaluated program: address space (RLIMIT_AS), bytes it may write to one file, CPU seconds.
+PROGRAM_MEMORY_BYTES = 1 << 30
+PROGRAM_FILE_BYTES = 16 << 20
+
+# Runs inside the child interpreter before the program: limits and the audit hook are installed by the
+# process they constrain, so no preexec_fn runs in the (multi-threaded) evaluating process.
+_BOOTSTRAP = r"""
+import resource, sys
+mem, fsize, cpu, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+for which, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CPU, cpu)):
+    resource.setrlimit(which, (value, value))
+def _no_network(event, args):
+    if event.startswith("socket.") or event == "urllib.Request":
+        raise PermissionError("network access is disabled for evaluated programs (" + event + ")")
+sys.addaudithook(_no_network)
+sys.argv = [path]
+import runpy
+runpy.run_path(path, run_name="__main__")
+"""
+
+_netns_prefix: list[str] | None = None
+
+
+def _network_namespace_prefix() -> list[str]:
+    """``unshare -n`` (or ``-rn`` for a non-root user) when the kernel lets this user make a network
+    namespace, else ``[]``; probed once. Inside it the program sees no interface but a down loopback."""
+    global _netns_prefix
+    if _netns_prefix is None:
+        _netns_prefix = []
+        for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+            try:
+                ok = subprocess.run([*prefix, "true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    timeout=10).returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+            if ok:
+                _netns_prefix = prefix
+                break
+    return _netns_prefix
+
+
+def sandbox_info() -> dict[str, Any]:
+    """What :func:`run_program` applies on this machine (recorded in eval results when code runs)."""
+    netns = _network_namespace_prefix()
+    return {"timeout_s": PROGRAM_TIMEOUT_S, "memory_bytes": PROGRAM_MEMORY_BYTES, "file_bytes": PROGRAM_FILE_BYTES,
+            "network": ("empty network namespace (" + " ".join(netns) + ") + socket audit hook") if netns
+            else "socket audit hook only (no network namespace available to this user)",
+            "env": "PATH, HOME=temp dir, LANG only (no tokens or keys from the parent environment)"}
+
+
+def run_program(program: str, timeout: float = PROGRAM_TIMEOUT_S, memory_bytes: int = PROGRAM_MEMORY_BYTES) -> bool:
     """True when ``program`` exits with status 0 within ``timeout`` seconds.
 
     Hand-written because the ``evaluate`` library's code_eval metric fetches its script from the Hub, which
-    is unreachable here. Each program runs in its own interpreter, in a fresh temp dir, in its own process
-    group (so a program that forks cannot outlive its timeout), with no stdin and ``-I`` (no user site,
-    no PYTHON* variables). This is isolation from mistakes, not a sandbox against hostile code: that is
-    what ``eval.allow_code_execution`` makes the user opt into.
+    is unreachable here. Each program runs in its own interpreter (``-I``: no user site, no PYTHON*
+    variables), in a fresh temp dir, in its own process group (so a program that forks cannot outlive its
+    timeout), with no stdin and a stripped environment, under limits on address space, file size and CPU
+    time, with socket creation blocked by an audit hook and, where the kernel allows, in an empty network
+    namespace. This contains mistakes and casual misuse; a program running as root could still raise its
+    own limits, so it is not a sandbox against hostile code: that is what ``eval.allow_code_execution``
+    makes the user opt into.
     """
     with tempfile.TemporaryDirectory(prefix="instructdiff_exec_") as tmp:
         path = Path(tmp) / "program.py"
         path.write_text(program, encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, "-I", str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cpu = max(1, math.ceil(timeout)) + 1
+        cmd = [*_network_namespace_prefix(), sys.executable, "-I", "-c", _BOOTSTRAP,
+               str(int(memory_bytes)), str(PROGRAM_FILE_BYTES), str(cpu), str(path)]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "LANG": "C.UTF-8"}
+        proc = subprocess.Popen(cmd, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
             return proc.wait(timeout=timeout) == 0
         except subprocess.TimeoutExpired:

@@ -31,6 +31,8 @@ SIGNALS: dict[str, str] = {
     "token_stats": "instructdiff.signals.token_stats:compute",
     # per-example LoRA gradient norms of an ensemble at an early and a late epoch (GradFiltering, METHODS §5)
     "lora_grad_norms": "instructdiff.signals.lora_grads:compute",
+    # position-weighted mean of the last hidden states over prompt + response (RDS+, baselines/rds.py)
+    "rds_embedding": "instructdiff.signals.rds_embedding:compute",
 }
 
 
