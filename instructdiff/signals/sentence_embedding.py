@@ -56,7 +56,7 @@ def encode(texts: list[str], device=None, max_length: int = 512, batch_size: int
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path)).eval()
+    model = AutoModel.from_pretrained(str(path), use_safetensors=True).eval()
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device)
     out = []
