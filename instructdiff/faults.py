@@ -5,12 +5,15 @@ reaches ``crash_point(point)``. SIGKILL, not an exception: nothing runs after it
 which is what a kill from a scheduler or the OOM killer does. The points sit where a kill does the most
 damage, between computing an artifact and publishing it:
 
+    calibrate.step     after each optimiser step of a calibration SFT (train_sft), before the model is saved
+    train.step         the same for the final SFT on the selection
     score.checkpoint   after each checkpoint of a partial scoring pass (ScoreStore._compute)
     select.publish     after the selector returned, before the selection is cached (Pipeline.select)
     eval.publish       after lm-eval ran, before eval_results.json is written (evaluate_model)
 
-Training and calibration are killed from outside instead (the suite watches the log), so no hook lives in
-the TRL loop.
+A kill at a step point lands in the middle of training (the trainer's scratch directory is half-written), as
+a kill from outside would, but at a step count rather than after a wall-clock delay, so the test does not
+depend on the machine's speed.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ class Pipeline:
                 from instructdiff.train import train_sft
 
                 with self.timer.stage(stage):
-                    train_sft(self.base, rows, self.cfg.trainer, self.render_cfg, out, self.seed)
+                    train_sft(self.base, rows, self.cfg.trainer, self.render_cfg, out, self.seed, stage=stage)
             stats = json.loads((out / "train_stats.json").read_text())
         self.trainings.append({"purpose": purpose, "key": key, "cached": done, **stats})
         from instructdiff.cost import training_cost

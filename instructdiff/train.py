@@ -52,9 +52,17 @@ def build_dataset(rows: list[Row], renderer: Renderer):
 
 
 def train_sft(base: ModelRef, rows: list[Row], trainer_cfg: Any, render_cfg: dict, out_dir: Path,
-              seed: int) -> dict:
-    """Fine-tune ``base`` on ``rows`` and save the merged model to ``out_dir``; returns training stats."""
+              seed: int, stage: str = "train") -> dict:
+    """Fine-tune ``base`` on ``rows`` and save the merged model to ``out_dir``; returns training stats.
+    ``stage`` (calibrate | train) names the fault-injection point ``<stage>.step`` (instructdiff/faults.py)."""
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from instructdiff.faults import crash_point
+
+    class _FaultPoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            crash_point(f"{stage}.step")
 
     if not rows:
         raise ValueError("cannot train on an empty selection")
@@ -109,7 +117,7 @@ def train_sft(base: ModelRef, rows: list[Row], trainer_cfg: Any, render_cfg: dic
         activation_checkpointing=bool(_get(trainer_cfg, "gradient_checkpointing", False)),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, callbacks=[_FaultPoint()])
     result = trainer.train()
     trained = trainer.model
     if peft_config is not None:

@@ -16,8 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +23,9 @@ import pytest
 
 from instructdiff.atomic import OutputError
 
-# max_steps: long enough (seconds) that a kill from outside lands inside training
+# max_steps: enough steps that a kill at step 5 (calibrate.step / train.step) lands inside training
 ARGS = ["model=tiny", "logger=none", "eval=quick", "eval.limit=2", "eval.tasks=[id_gsm8k_bpb]", "domain.pool_size=24",
-        "trainer.max_steps=100", "trainer.per_device_batch_size=2", "trainer.progress_bar=false",
+        "trainer.max_steps=20", "trainer.per_device_batch_size=2", "trainer.progress_bar=false",
         "score.max_batch_size=2", "score.checkpoint_every=1"]
 SELECT_ONLY = "pipeline.stages=[calibrate,score,select]"
 TO_TRAIN = "pipeline.stages=[calibrate,score,select,train]"
@@ -98,32 +96,6 @@ def _published_models(cache: Path) -> list[Path]:
     return [d for d in (cache / "models").glob("trained-*") if d.is_dir() and not d.name.endswith(".tmp")]
 
 
-def kill_during(cmd: list[str], marker: str, delay: float) -> str:
-    """Start ``cmd``, SIGKILL it ``delay`` s after ``marker`` appears in its log; returns the log so far."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    lines: list[str] = []
-    seen = threading.Event()
-
-    def reader() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if marker in line:
-                seen.set()
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    if not seen.wait(timeout=300):
-        proc.kill()
-        pytest.fail(f"never saw {marker!r}; log:\n{''.join(lines)[-3000:]}")
-    time.sleep(delay)
-    assert proc.poll() is None, f"the run ended before the kill; log:\n{''.join(lines)[-3000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    t.join(timeout=10)
-    assert proc.returncode == -signal.SIGKILL
-    return "".join(lines)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_cache) -> dict:
     """One uninterrupted run through eval: the selection and metrics every faulted run must reproduce."""
@@ -139,17 +111,16 @@ def reference(tmp_path_factory, tiny_model_cache) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, marker, delay, stages", [
-    ("calibrate", "[calibrate] computing", 3.0, SELECT_ONLY),
-    ("train", "[train] computing", 2.5, TO_TRAIN),
-])
-def test_sigkill_during_training_stages_then_rerun(tmp_path, tiny_model_cache, reference, stage, marker, delay,
-                                                   stages) -> None:
+@pytest.mark.parametrize("stage, stages", [("calibrate", SELECT_ONLY), ("train", TO_TRAIN)])
+def test_sigkill_during_training_stages_then_rerun(tmp_path, tiny_model_cache, reference, stage, stages) -> None:
     cache = _cache(tmp_path, tiny_model_cache)
     before = len(_published_models(cache))
-    kill_during(_cmd(cache, tmp_path / "run", stages), marker, delay)
+    killed = _run(_cmd(cache, tmp_path / "run", stages), INSTRUCTDIFF_CRASH_AT=f"{stage}.step:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert f"[fault] SIGKILL at {stage}.step" in killed.stdout
     # the killed training published nothing: calibration left 0 trained models, the final one just the warmup's
     assert len(_published_models(cache)) == before + (0 if stage == "calibrate" else 1)
+    assert list(cache.glob("models/trained-*.tmp")), "the kill should have landed mid-training (scratch dir)"
     assert not (tmp_path / "run" / "results.json").exists()
     assert_nothing_torn(cache, tmp_path / "run")
 
