@@ -112,29 +112,30 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
     device = next(model.parameters()).device
     width = max(r.n_tokens for r in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
     target_pos: list[torch.Tensor] = []
     for b, r in enumerate(batch):
         seq = r.prompt_ids + r.completion_ids
         ids[b, : len(seq)] = torch.tensor(seq)
-        mask[b, : len(seq)] = 1
         p, t = len(r.prompt_ids), len(r.completion_ids)
         if p == 0:
             raise ValueError(f"sample {r.id} has an empty prompt: its first response token has no context")
         target_pos.append(torch.arange(p - 1, p + t - 1))
-    ids, mask = ids.to(device), mask.to(device)
+    ids = ids.to(device)
     rows = torch.cat([torch.full((len(tp),), b, dtype=torch.long) for b, tp in enumerate(target_pos)])
     cols = torch.cat(target_pos)
     labels = ids[rows, cols + 1]
 
     body, head = _decoder_and_head(model)
+    # No attention mask: the batch is right-padded, so under causal attention a real token never sees a pad
+    # (pads only follow it) and its positions are 0..n-1 either way; the outputs at real positions are the
+    # masked ones exactly, and SDPA keeps its is_causal fast path (~11% of the body's time on CPU).
     with torch.autocast(device.type, dtype=_AUTOCAST.get(dtype, torch.bfloat16), enabled=dtype in _AUTOCAST):
         if body is not None:
-            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = body(input_ids=ids).last_hidden_state
             selected = hidden[rows.to(device), cols.to(device)].float()
             logits_fn = head
         else:
-            full_logits = model(input_ids=ids, attention_mask=mask).logits
+            full_logits = model(input_ids=ids).logits
             selected = full_logits[rows.to(device), cols.to(device)].float()
             logits_fn = None
 
