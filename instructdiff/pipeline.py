@@ -593,6 +593,11 @@ def print_summary(results: dict, echo: Callable[[str], None] = print) -> None:
         console.print(f"selection: {c.get('selected')} selected, {c.get('not_selected')} not selected, "
                       f"{c.get('dropped')} dropped ({sel.get('dropped_reasons')})")
     console.print(f"time per stage (s): {results.get('seconds')}")
+    cost = results.get("cost") or {}
+    if cost.get("selection_flops_uncached") is not None:
+        console.print(f"estimated FLOPs: selection {cost['selection_flops_uncached']:.3g} from scratch "
+                      f"({cost.get('selection_flops', 0):.3g} in this run), training {cost.get('train_flops', 0):.3g}, "
+                      f"eval {cost.get('eval_flops', 0):.3g}")
     console.print(f"cache: {results['cache']['hits']} hits, {results['cache']['misses']} misses")
     if ev:
         console.print(table)
