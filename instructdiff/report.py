@@ -578,6 +578,15 @@ class Report:
 
         return plt
 
+    def _save(self, fig, out: Path, name: str) -> str:
+        """Lay out, write ``out/name`` and free the figure (a sweep report draws dozens); returns ``name``."""
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return name
+
     def _metric_axes(self, n: int, title: str):
         plt = self._plt()
         cols = min(3, max(1, n))
@@ -641,11 +650,7 @@ class Report:
                 ax.set_xlabel(param)
                 ax.set_ylabel(m + (" (lower is better)" if lower_is_better(m) else ""))
                 ax.legend(fontsize=7)
-            fig.tight_layout()
-            name = f"{_slug(param)}_{_slug(domain)}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            files.append(name)
+            files.append(self._save(fig, out, f"{_slug(param)}_{_slug(domain)}.png"))
         return files
 
     def plot_deltas(self, out: Path) -> list[str]:
@@ -694,11 +699,7 @@ class Report:
                     where = f" ({setting})" if setting else ""
                     ax.set_title(f"{title}: {label} @{_fmt_frac(frac)}{where}", fontsize=8)
                     ax.legend(fontsize=7)
-            fig.tight_layout()
-            name = f"delta_{_slug(domain)}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            files.append(name)
+            files.append(self._save(fig, out, f"delta_{_slug(domain)}.png"))
         return files
 
     def plot_overlap(self, out: Path, overlap: list) -> list[str]:
@@ -718,12 +719,9 @@ class Report:
                                 color="white" if v < 0.6 else "black")
             fig.colorbar(im, ax=ax, label="Jaccard of selected ids")
             ax.set_title(f"{domain} @{_fmt_frac(frac)}" + (f" ({setting})" if setting else ""), fontsize=9)
-            fig.tight_layout()
             name = f"overlap_{_slug(domain)}_{_slug(_fmt_frac(frac))}"
             name += f"_{_slug(setting)}" if setting else ""
-            fig.savefig(out / f"{name}.png", dpi=110)
-            plt.close(fig)
-            files.append(f"{name}.png")
+            files.append(self._save(fig, out, f"{name}.png"))
         return files
 
     def plot_cost(self, out: Path, rows: list[dict]) -> list[str]:
@@ -741,10 +739,7 @@ class Report:
         ax.set_xlabel("mean wall time per run (s); cached stages cost ~0")
         ax.legend(fontsize=7, ncols=len(STAGE_ORDER), loc="lower center", bbox_to_anchor=(0.5, 1.0),
                   frameon=False)
-        fig.tight_layout()
-        fig.savefig(out / "cost.png", dpi=110)
-        plt.close(fig)
-        return ["cost.png"]
+        return [self._save(fig, out, "cost.png")]
 
     def plot_pareto(self, out: Path) -> list[str]:
         """Per domain, each trained metric against the from-scratch selection FLOPs of every selector group
@@ -788,11 +783,7 @@ class Report:
                 if base_st is not None:  # the untrained model: what any selection has to beat
                     ax.axhline(base_st[0], ls=":", color="black", lw=1, label=BASE_LABEL)
                 ax.legend(fontsize=6)
-            fig.tight_layout()
-            name = f"pareto_{_slug(domain)}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            files.append(name)
+            files.append(self._save(fig, out, f"pareto_{_slug(domain)}.png"))
         return files
 
     # -- writing ----------------------------------------------------------------------------------------

@@ -98,6 +98,19 @@ def _decoder_and_head(model):
     return body, head
 
 
+def pad_right(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(sequences), longest), right-padded with ``pad_id``: the batch layout
+    every forward pass of the engine and of the signals uses."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[b, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int = 1024,
                 dtype: str = "fp32", per_token: bool = False):

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructdiff.render import user_message
-from instructdiff.scoring import _decoder_and_head, _head_fp32
+from instructdiff.scoring import _decoder_and_head, _head_fp32, pad_right
 
 TEXTS = ("prompt", "instruction", "full")
 MAX_TOKENS_PER_BATCH = 4096
@@ -63,13 +63,7 @@ def embed_sequences(model, sequences: list[list[int]], pad_id: int, desc: str = 
     nonempty = [k for k in range(len(sequences)) if lengths[k]]
     batches = [[nonempty[j] for j in b] for b in _batches([lengths[k] for k in nonempty])]
     for batch in tqdm(batches, desc=desc, leave=False):
-        width = max(lengths[k] for k in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, k in enumerate(batch):
-            ids[b, : lengths[k]] = torch.tensor(sequences[k])
-            mask[b, : lengths[k]] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_right([sequences[k] for k in batch], pad_id, device)
         if body is not None:
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         else:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructdiff.render import user_message
-from instructdiff.scoring import _decoder_and_head, _head_fp32
+from instructdiff.scoring import _decoder_and_head, _head_fp32, pad_right
 
 DIGITS = ("1", "2", "3", "4", "5")
 ANSWER_CUE = "The answer is: "
@@ -88,13 +88,7 @@ def last_position_probs(model, sequences: list[list[int]], token_ids: list[int],
             batches.append([k])
     tid = torch.tensor(token_ids, device=device)
     for batch in tqdm(batches, desc="rating_probs", leave=False):
-        width = max(lengths[k] for k in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, k in enumerate(batch):
-            ids[b, : lengths[k]] = torch.tensor(sequences[k])
-            mask[b, : lengths[k]] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_right([sequences[k] for k in batch], pad_id, device)
         last = torch.tensor([lengths[k] - 1 for k in batch], device=device)
         rows = torch.arange(len(batch), device=device)
         if body is not None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from instructdiff.scoring import _decoder_and_head
+from instructdiff.scoring import _decoder_and_head, pad_right
 from instructdiff.signals.embedding import _batches
 
 WEIGHTINGS = ("position", "mean")
@@ -51,13 +51,8 @@ def pooled_hidden_states(model, sequences: list[list[int]], pad_id: int, weighti
     nonempty = [k for k in range(len(sequences)) if lengths[k]]
     for batch in tqdm([[nonempty[j] for j in b] for b in _batches([lengths[k] for k in nonempty])],
                       desc=desc, leave=False):
-        width = max(lengths[k] for k in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, k in enumerate(batch):
-            ids[b, : lengths[k]] = torch.tensor(sequences[k])
-            mask[b, : lengths[k]] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_right([sequences[k] for k in batch], pad_id, device)
+        width = ids.shape[1]
         if body is not None:  # the decoder alone: the LM head is not needed for an embedding
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
