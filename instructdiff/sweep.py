@@ -88,6 +88,10 @@ def stage_metrics(results: dict) -> dict[str, float]:
         for k in ("train_loss", "steps", "n_samples", "n_tokens", "seconds"):
             if isinstance(t.get(k), (int, float)):
                 out[f"train/{t['purpose']}/{k}"] = t[k]
+    cost = results.get("cost") or {}
+    for k in ("selection_flops_uncached", "selection_flops", "train_flops", "eval_flops", "total_flops"):
+        if isinstance(cost.get(k), (int, float)):  # None = not estimated: left out, never logged as 0
+            out[f"cost/{k}"] = cost[k]
     cache = results.get("cache") or {}
     if cache:
         out["cache/hits"] = cache.get("hits", 0)

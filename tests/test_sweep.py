@@ -180,11 +180,12 @@ def test_stage_metrics_flattens_a_results_dict():
     results = {"seconds": {"score": 1.5, "train": 2.0},
                "selection": {"counts": {"selected": 3}, "n_pool": 30},
                "trainings": [{"purpose": "final", "train_loss": 1.25, "steps": 4, "method": "full"}],
-               "cache": {"hits": 2, "misses": 1, "score_store": {"passes": [{"tokens": 10}, {"tokens": 5}]}}}
+               "cache": {"hits": 2, "misses": 1, "score_store": {"passes": [{"tokens": 10}, {"tokens": 5}]}},
+               "cost": {"selection_flops_uncached": 3e9, "selection_flops": 0.0, "train_flops": None}}
     assert stage_metrics(results) == {
         "time/score": 1.5, "time/train": 2.0, "select/selected": 3, "select/n_pool": 30,
         "train/final/train_loss": 1.25, "train/final/steps": 4, "cache/hits": 2, "cache/misses": 1,
-        "score/passes": 2, "score/tokens": 15}
+        "score/passes": 2, "score/tokens": 15, "cost/selection_flops_uncached": 3e9, "cost/selection_flops": 0.0}
 
 
 def test_sweep_summary_prints_one_wandb_sync_line(tmp_path):
