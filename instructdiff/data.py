@@ -636,6 +636,18 @@ def _root_on_error(domain_cfg: Any) -> str | None:
         return None
 
 
+def drop_reason(row: Row, seen: set[str]) -> str | None:
+    """The pool's rule for a well-formed row: ``empty_response``, ``duplicate`` (of an id in ``seen``), or None
+    when it is kept, in which case its id joins ``seen``. Shared by the pool, the query sets and the validator
+    so that all three agree on what counts as usable."""
+    if not row.response.strip():
+        return "empty_response"
+    if row.id in seen:
+        return "duplicate"
+    seen.add(row.id)
+    return None
+
+
 def load_pool(domain_cfg: Any, seed: int, on_error: str | None = None) -> tuple[list[Row], PoolReport]:
     """Read a domain's pool, drop duplicates / empty responses / (optionally) bad rows, subsample to pool_size.
 
@@ -666,14 +678,10 @@ def load_pool(domain_cfg: Any, seed: int, on_error: str | None = None) -> tuple[
                 count.bad_row += 1
                 report.dropped.append({"id": None, "source": where, "reason": f"bad_row: {item.reason}",
                                        "field": item.field})
-            elif not item.response.strip():
-                count.empty_response += 1
-                report.dropped.append({"id": item.id, "source": where, "reason": "empty_response"})
-            elif item.id in seen:
-                count.duplicate += 1
-                report.dropped.append({"id": item.id, "source": where, "reason": "duplicate"})
+            elif (reason := drop_reason(item, seen)) is not None:
+                setattr(count, reason, getattr(count, reason) + 1)  # SourceCount.empty_response / .duplicate
+                report.dropped.append({"id": item.id, "source": where, "reason": reason})
             else:
-                seen.add(item.id)
                 rows.append(item)
                 count.n_kept += 1
         report.n_read += count.n_read

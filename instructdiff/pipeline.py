@@ -611,12 +611,16 @@ def _fmt(v: Any) -> str:
 def run(cfg: DictConfig) -> dict:
     """Run the configured stages; returns the results dict that is also written to results.json."""
     run_dir = resolve_run_dir(cfg)
+    from instructdiff.atomic import ensure_dir
     from instructdiff.sweep import stage_metrics, tracker_identity
 
+    # before W&B or any stage touches it: an unwritable paths.run_dir fails in a second, with the reason
+    ensure_dir(run_dir, "the run directory (paths.run_dir)")
+    pipeline = Pipeline(cfg, run_dir)
     tracker = Tracker(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True),
                       **tracker_identity(cfg, run_dir))
     try:
-        results = Pipeline(cfg, run_dir).run()
+        results = pipeline.run()
         tracker.log(stage_metrics(results))
         for label, ev in results.get("eval", {}).items():
             tracker.log({f"{label}/{k}": v for k, v in ev.get("metrics", {}).items()})

@@ -16,7 +16,7 @@ from __future__ import annotations
 from itertools import islice
 from typing import Any
 
-from instructdiff.data import load_source
+from instructdiff.data import drop_reason, load_source
 from instructdiff.rows import Row
 
 
@@ -49,8 +49,7 @@ def load_queries(domain_cfg: Any, n: int | None = None) -> list[Row]:
     out: list[Row] = []
     seen: set[str] = set()
     for row in islice(load_source(spec["path"], spec.get("format") or "auto"), start, stop):
-        if row.response.strip() and row.id not in seen:
-            seen.add(row.id)
+        if drop_reason(row, seen) is None:
             out.append(row)
         if n is not None and len(out) >= n:
             break

@@ -123,17 +123,13 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
     if dtype not in DTYPES:
         raise ValueError(f"score.dtype must be one of {DTYPES}, got {dtype!r}")
     device = next(model.parameters()).device
-    width = max(r.n_tokens for r in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     target_pos: list[torch.Tensor] = []
-    for b, r in enumerate(batch):
-        seq = r.prompt_ids + r.completion_ids
-        ids[b, : len(seq)] = torch.tensor(seq)
+    for r in batch:
         p, t = len(r.prompt_ids), len(r.completion_ids)
         if p == 0:
             raise ValueError(f"sample {r.id} has an empty prompt: its first response token has no context")
         target_pos.append(torch.arange(p - 1, p + t - 1))
-    ids = ids.to(device)
+    ids, _ = pad_right([r.prompt_ids + r.completion_ids for r in batch], pad_id, device)
     rows = torch.cat([torch.full((len(tp),), b, dtype=torch.long) for b, tp in enumerate(target_pos)])
     cols = torch.cat(target_pos)
     labels = ids[rows, cols + 1]

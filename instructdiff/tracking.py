@@ -93,11 +93,6 @@ class Tracker:
                  tags: list[str]) -> None:
         self.run = None
         self.sync_hint: str | None = None
-        # The tracker is the first component handed the run directory: check it here, before any stage has
-        # spent time, so an unwritable paths.run_dir fails in a second with the reason, not after training.
-        from instructdiff.atomic import ensure_dir
-
-        ensure_dir(run_dir, "the run directory (paths.run_dir)")
         if logger_cfg is None or logger_cfg.get("name", "none") == "none":
             return
         if logger_cfg.get("name") != "wandb":

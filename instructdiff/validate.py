@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from instructdiff.data import FORMATS, DataError, _check_format, _map_source, resolve_data_path
+from instructdiff.data import FORMATS, DataError, _check_format, _map_source, drop_reason, resolve_data_path
 
 
 @dataclass
@@ -60,21 +60,23 @@ def validate_file(path: str | Path, fmt: str = "auto") -> FileReport:
         _check_format(fmt)
         resolved = resolve_data_path(path)
         report.path = str(resolved)
-        seen: dict[str, str] = {}
+        seen: set[str] = set()
+        first_seen: dict[str, str] = {}
         for where, item in _map_source(resolved, fmt):
             report.records += 1
             if isinstance(item, DataError):
                 report.problems.append(_problem(where, item))
                 continue
             report.format = item.meta.get("format")
-            if not item.response.strip():
+            reason = drop_reason(item, seen)
+            if reason == "empty_response":
                 report.problems.append(Problem(where, None, "the response is empty",
                                                "a non-empty response (the row would be dropped)"))
-            elif item.id in seen:
-                report.problems.append(Problem(where, None, f"duplicate of {seen[item.id]}",
+            elif reason == "duplicate":
+                report.problems.append(Problem(where, None, f"duplicate of {first_seen[item.id]}",
                                                "each (instruction, input, response) once (the copy is dropped)"))
             else:
-                seen[item.id] = where
+                first_seen[item.id] = where
                 report.usable += 1
     except DataError as e:  # the whole file is unusable (a .json that does not parse, a bad .gz)
         report.problems.append(_problem(str(path), e))
