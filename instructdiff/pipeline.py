@@ -169,10 +169,12 @@ class Pipeline:
         settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
                     "max_batch_size": int(self.cfg.score.max_batch_size),
                     "checkpoint_every": int(self.cfg.score.checkpoint_every),
-                    "pad_id": int(self.renderer_for(ref)[0].tokenizer.pad_token_id), "dtype": dtype}
+                    "pad_id": int(self.renderer_for(ref)[0].tokenizer.pad_token_id), "dtype": dtype,
+                    "compile": bool(self.cfg.score.get("compile", False))}
         # Batching changes the float summation order only within 1e-6; keep it out of the key so
-        # a different batch size reuses scores.
-        key_settings = {"dtype": dtype}
+        # a different batch size reuses scores. A compiled body fuses ops (and under bf16 skips roundings),
+        # so its tables are keyed apart; uncompiled keys stay what they were.
+        key_settings = {"dtype": dtype, **({"compile": True} if settings["compile"] else {})}
         renderer, rendered, render_fp = self.renderer_for(ref)
         if variant == "unconditioned":
             by_id = {r.id: r for r in self.pool}

@@ -6,7 +6,8 @@ On the same samples (default: the first 256 GSM8K train rows, SmolLM2-135M-Instr
   (a) loop: batch size 1, ``model(ids).logits`` over the whole sequence, full-vocabulary log-softmax at
       every position in fp32, then the response positions are picked (the reference), and
   (b) engine: ``instructdiff.scoring.score_batch`` over ``length_batches`` in fp32 and in bf16 (bf16 autocast
-      for the transformer body; head, log-softmax and entropy stay fp32).
+      for the transformer body, its Linear weights cast once per pass; the LM head and the blocked
+      log-sum-exp / entropy stay fp32).
 
 Every path scores two models: the base and a copy fine-tuned in-process for a few plain AdamW steps (seeded;
 its only job is to be a second, different model), so ΔH = H_base − H_tuned can be ranked as InstructDiff
@@ -20,6 +21,7 @@ them.
 
     python scripts/bench_scoring.py                       # 256 samples, CPU (minutes)
     python scripts/bench_scoring.py --n 16                # quick
+    python scripts/bench_scoring.py --bf16-error-sources  # + where bf16's ΔH error comes from
     python scripts/bench_scoring.py --device cuda --random-init qwen2.5-0.5b   # GPU, no download
 """
 
@@ -44,7 +46,7 @@ from instructdiff import CONF_DIR, PROJECT_ROOT
 from instructdiff.data import load_source
 from instructdiff.models import load_model, load_tokenizer, pick_device, resolve_model
 from instructdiff.render import Rendered, Renderer, render_pool
-from instructdiff.scoring import length_batches, score_batch
+from instructdiff.scoring import length_batches, low_precision_weights, score_batch
 
 GSM8K_TRAIN = "math/gsm8k/train.jsonl"
 PATHS = ("loop", "fp32", "bf16")
@@ -86,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-seconds", type=float, default=1.5, help="time per peak-matmul measurement")
     ap.add_argument("--max-length", type=int, default=2048, help="rows rendering longer are dropped")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the engine with score.compile (torch.compile of the body) in fp32 and bf16; "
+                         "the compile happens in the warm-up and its seconds are printed apart")
+    ap.add_argument("--bf16-error-sources", action="store_true",
+                    help="also split bf16's ΔH error into its two sources: fp32 passes that round only the "
+                         "Linear weights, or only the Linear inputs, to bf16 (two more fp32-speed passes)")
     return ap.parse_args(argv)
 
 
@@ -172,13 +180,52 @@ def loop_scores(model, items: list[Rendered]) -> np.ndarray:
 
 
 def engine_scores(model, items: list[Rendered], pad_id: int, dtype: str, max_tokens: int,
-                  max_batch: int) -> np.ndarray:
+                  max_batch: int, compile: bool = False) -> np.ndarray:
     """(n, 2) nll, entropy from score_batch over length_batches, in the order of ``items``."""
     out = np.empty((len(items), 2), dtype=np.float64)
-    for idx in length_batches(items, max_tokens, max_batch):
-        vals = score_batch(model, [items[k] for k in idx], pad_id, dtype=dtype)
-        out[idx] = vals[:, :2]
+    with low_precision_weights(model, dtype):  # as ScoreStore does for a whole pass
+        for idx in length_batches(items, max_tokens, max_batch):
+            vals = score_batch(model, [items[k] for k in idx], pad_id, dtype=dtype, compile=compile)
+            out[idx] = vals[:, :2]
     return out
+
+
+class emulated_bf16_rounding:
+    """Inside the block every Linear of the body (not the LM head) computes in fp32 from bf16-rounded
+    weights (``what="weights"``) or bf16-rounded inputs (``what="inputs"``): one rounding at a time, so the
+    ΔH error of a real bf16 pass can be split into its sources."""
+
+    def __init__(self, model, what: str) -> None:
+        self.model, self.what, self.saved = model, what, []
+
+    def __enter__(self) -> None:
+        head = self.model.get_output_embeddings()
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                self.saved.append((module, module.forward))
+                module.forward = self._forward(module)
+
+    def _forward(self, module):
+        def rounded(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.bfloat16).to(t.dtype)
+
+        if self.what == "weights":
+            weight = rounded(module.weight.detach())
+            return lambda x: torch.nn.functional.linear(x, weight, module.bias)
+        return lambda x: torch.nn.functional.linear(rounded(x), module.weight, module.bias)
+
+    def __exit__(self, *exc) -> None:
+        for module, forward in self.saved:
+            module.forward = forward
+        self.saved = []
+
+
+def dh_error(ref: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """RMS of the ΔH error relative to the spread of ΔH (the continuous quantity the top-10% overlap
+    samples; 0.05 means the error is 5% of a typical ΔH difference between samples), Spearman, overlaps."""
+    return {"rms_err_rel": float(np.sqrt(np.mean((other - ref) ** 2)) / ref.std()),
+            "spearman": spearman(ref, other), "top10_low": top_overlap(ref, other, lowest=True),
+            "top10_high": top_overlap(ref, other, lowest=False)}
 
 
 def peak_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
@@ -295,10 +342,14 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"  done in {time.perf_counter() - t0:.1f}s")
     models = {"base": model, "tuned": tuned}
 
+    paths = PATHS + (("fp32+compile", "bf16+compile") if args.compile else ())
+    engine_paths = paths[1:]
+
     def run_path(path: str, mdl, subset: list[Rendered]) -> np.ndarray:
         if path == "loop":
             return loop_scores(mdl, subset)
-        return engine_scores(mdl, subset, pad_id, path, args.max_tokens_per_batch, args.max_batch_size)
+        return engine_scores(mdl, subset, pad_id, path.split("+")[0], args.max_tokens_per_batch,
+                             args.max_batch_size, compile=path.endswith("+compile"))
 
     log("peak matmul FLOP/s (before):")
     peaks = {"fp32": peak_matmul_flops(device, torch.float32, args.peak_seconds),
@@ -307,21 +358,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     warm = items[: max(1, min(args.warmup_samples, len(items)))]
     log(f"warm-up: every path on {len(warm)} samples, both models")
-    for path in PATHS:
+    compile_seconds: dict[str, float] = {}
+    for path in paths:
+        t0 = time.perf_counter()
         for mdl in models.values():
             run_path(path, mdl, warm)
-    sync(device)
+        sync(device)
+        if path.endswith("+compile"):
+            compile_seconds[path] = time.perf_counter() - t0
+            log(f"  {path}: warm-up with compile {compile_seconds[path]:.1f}s")
 
     rounds = max(1, min(args.rounds, len(items)))
     slices = [list(range(r, len(items), rounds)) for r in range(rounds)]
-    scores = {(m, p): np.full((len(items), 2), np.nan) for m in models for p in PATHS}
-    seconds = dict.fromkeys(PATHS, 0.0)
+    scores = {(m, p): np.full((len(items), 2), np.nan) for m in models for p in paths}
+    seconds = dict.fromkeys(paths, 0.0)
     per_round: list[dict[str, float]] = []
-    log(f"timed sections: {rounds} interleaved rounds × {len(PATHS)} paths × {len(models)} models")
+    log(f"timed sections: {rounds} interleaved rounds × {len(paths)} paths × {len(models)} models")
     for r, idx in enumerate(slices):
         subset = [items[k] for k in idx]
-        order = PATHS[r % len(PATHS):] + PATHS[: r % len(PATHS)]
-        this_round = dict.fromkeys(PATHS, 0.0)
+        order = paths[r % len(paths):] + paths[: r % len(paths)]
+        this_round = dict.fromkeys(paths, 0.0)
         for path in order:
             for name, mdl in models.items():
                 sync(device)
@@ -331,10 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
                 this_round[path] += time.perf_counter() - t
                 scores[(name, path)][idx] = vals
         per_round.append(this_round)
-        for path in PATHS:
+        for path in paths:
             seconds[path] += this_round[path]
         log(f"  round {r + 1}/{rounds} ({len(subset)} samples, order {'/'.join(order)}): cumulative "
-            + ", ".join(f"{p} {seconds[p]:.1f}s" for p in PATHS))
+            + ", ".join(f"{p} {seconds[p]:.1f}s" for p in paths))
 
     log("peak matmul FLOP/s (after):")
     after = {"fp32": peak_matmul_flops(device, torch.float32, args.peak_seconds),
@@ -344,28 +400,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------ throughput and fraction of peak
     passes = len(models)
-    tok_s = {p: passes * n_tok / seconds[p] for p in PATHS}
+    tok_s = {p: passes * n_tok / seconds[p] for p in paths}
     body = getattr(model, model.base_model_prefix)
     n_embed = model.get_input_embeddings().weight.numel()
     n_body = sum(p.numel() for p in body.parameters()) - n_embed
     n_head = model.get_output_embeddings().weight.numel()
     flops_pass = {"loop": 2.0 * n_body * n_tok + 2.0 * n_head * n_tok,
                   "fp32": 2.0 * n_body * n_tok + 2.0 * n_head * n_resp}
-    flops_pass["bf16"] = flops_pass["fp32"]
-    achieved = {p: passes * flops_pass[p] / seconds[p] for p in PATHS}
-    frac = {"loop": achieved["loop"] / peaks["fp32"], "fp32": achieved["fp32"] / peaks["fp32"],
-            "bf16": achieved["bf16"] / peaks["bf16"]}
+    for p in engine_paths:
+        flops_pass[p] = flops_pass["fp32"]
+    achieved = {p: passes * flops_pass[p] / seconds[p] for p in paths}
+    frac = {p: achieved[p] / peaks["bf16" if p.startswith("bf16") else "fp32"] for p in paths}
     log(FLOPS_FORMULA)
     log(f"  N_body = {n_body:,}, V*d = {n_head:,}; per pass: loop {flops_pass['loop'] / 1e12:.3f} TFLOP, "
         f"engine {flops_pass['fp32'] / 1e12:.3f} TFLOP")
     log(f"throughput ({passes} passes × {n_tok} tokens per path; tokens = prompt + response, no padding):")
-    for p in PATHS:
+    for p in paths:
         label = "loop (a) fp32" if p == "loop" else f"engine {p}"
-        log(f"  {label:<14} {seconds[p]:8.1f}s  {tok_s[p]:9.1f} tok/s  x{tok_s[p] / tok_s['loop']:.2f}  "
-            f"{achieved[p] / 1e9:8.1f} GFLOP/s = {100 * frac[p]:.1f}% of {'bf16' if p == 'bf16' else 'fp32'} "
+        log(f"  {label:<20} {seconds[p]:8.1f}s  {tok_s[p]:9.1f} tok/s  x{tok_s[p] / tok_s['loop']:.2f}  "
+            f"{achieved[p] / 1e9:8.1f} GFLOP/s = {100 * frac[p]:.1f}% of {'bf16' if p.startswith('bf16') else 'fp32'} "
             f"peak")
     # Robust to a load spike from other processes landing on one path in one round.
-    round_speedup = {p: float(np.median([t["loop"] / t[p] for t in per_round])) for p in ("fp32", "bf16")}
+    round_speedup = {p: float(np.median([t["loop"] / t[p] for t in per_round])) for p in engine_paths}
     log(f"  median per-round speed-up over the loop: fp32 x{round_speedup['fp32']:.2f}, "
         f"bf16 x{round_speedup['bf16']:.2f}")
     if device.type == "cpu":
@@ -376,30 +432,45 @@ def main(argv: list[str] | None = None) -> dict:
         return scores[(model_name, path)][:, c]
 
     fid: dict[str, float] = {}
-    for p in ("fp32", "bf16"):
+    for p in engine_paths:
         for c, sig in enumerate(("nll", "entropy")):
             fid[f"max_abs_diff_{sig}_{p}"] = float(max(np.max(np.abs(col(m, p, c) - col(m, "loop", c)))
                                                        for m in models))
             fid[f"spearman_{sig}_{p}"] = float(min(spearman(col(m, "loop", c), col(m, p, c)) for m in models))
-    dh = {p: col("base", p, 1) - col("tuned", p, 1) for p in PATHS}
-    for p in ("fp32", "bf16"):
+    dh = {p: col("base", p, 1) - col("tuned", p, 1) for p in paths}
+    for p in engine_paths:
         fid[f"spearman_dH_{p}"] = spearman(dh["loop"], dh[p])
         fid[f"top10_overlap_dH_{p}"] = top_overlap(dh["loop"], dh[p], lowest=True)
         fid[f"top10_overlap_dH_high_{p}"] = top_overlap(dh["loop"], dh[p], lowest=False)
         fid[f"max_abs_diff_dH_{p}"] = float(np.max(np.abs(dh[p] - dh["loop"])))
+        fid[f"rms_err_rel_dH_{p}"] = dh_error(dh["loop"], dh[p])["rms_err_rel"]
     log("fidelity vs the loop (max |diff| and Spearman: worst of base and tuned models):")
-    for p in ("fp32", "bf16"):
+    for p in engine_paths:
         log(f"  engine {p}: max|Δnll| {fid[f'max_abs_diff_nll_{p}']:.2e}, "
             f"max|Δentropy| {fid[f'max_abs_diff_entropy_{p}']:.2e}, "
             f"Spearman nll {fid[f'spearman_nll_{p}']:.5f}, entropy {fid[f'spearman_entropy_{p}']:.5f}")
     log(f"  ΔH = H_base − H_tuned (loop): mean {dh['loop'].mean():.3e}, std {dh['loop'].std():.3e}, "
         f"range [{dh['loop'].min():.3e}, {dh['loop'].max():.3e}]")
-    for p in ("fp32", "bf16"):
+    for p in engine_paths:
         log(f"  ΔH engine {p}: Spearman {fid[f'spearman_dH_{p}']:.5f}, max|diff| {fid[f'max_abs_diff_dH_{p}']:.2e}, "
             f"top-10% overlap lowest ΔH (InstructDiff's pick) {fid[f'top10_overlap_dH_{p}']:.3f}, "
-            f"highest ΔH {fid[f'top10_overlap_dH_high_{p}']:.3f}")
+            f"highest ΔH {fid[f'top10_overlap_dH_high_{p}']:.3f}, RMS error / std(ΔH) {fid[f'rms_err_rel_dH_{p}']:.4f}")
+    sources: dict[str, dict[str, float]] = {}
+    if args.bf16_error_sources:
+        log("bf16 ΔH error by source (fp32 passes with one bf16 rounding each, against the loop):")
+        for what in ("weights", "inputs"):
+            t0 = time.perf_counter()
+            ent = {}
+            for name, mdl in models.items():
+                with emulated_bf16_rounding(mdl, what):
+                    ent[name] = engine_scores(mdl, items, pad_id, "fp32", args.max_tokens_per_batch,
+                                              args.max_batch_size)[:, 1]
+            sources[what] = dh_error(dh["loop"], ent["base"] - ent["tuned"])
+            log(f"  Linear {what} rounded: RMS error / std(ΔH) {sources[what]['rms_err_rel']:.4f}, Spearman "
+                f"{sources[what]['spearman']:.5f}, top-10% overlap lowest {sources[what]['top10_low']:.3f}, "
+                f"highest {sources[what]['top10_high']:.3f} ({time.perf_counter() - t0:.0f}s)")
 
-    speedup = {p: tok_s[p] / tok_s["loop"] for p in ("fp32", "bf16")}
+    speedup = {p: tok_s[p] / tok_s["loop"] for p in engine_paths}
     targets = {
         "fp32_speedup_ge_1.5": bool(speedup["fp32"] >= 1.5),
         "fp32_max_abs_diff_le_1e-4": bool(fid["max_abs_diff_nll_fp32"] <= 1e-4
@@ -432,14 +503,24 @@ def main(argv: list[str] | None = None) -> dict:
         # extras
         "model": args.random_init if args.random_init != "none" else args.model,
         "n_response_tokens": n_resp, "passes_per_path": passes,
-        "seconds": {p: round(seconds[p], 3) for p in PATHS},
+        "seconds": {p: round(seconds[p], 3) for p in paths},
         "median_round_speedup_fp32": r6(round_speedup["fp32"]),
         "median_round_speedup_bf16": r6(round_speedup["bf16"]),
         "spearman_nll_fp32": r6(fid["spearman_nll_fp32"]), "spearman_entropy_fp32": r6(fid["spearman_entropy_fp32"]),
         "top10_overlap_dH_high_fp32": r6(fid["top10_overlap_dH_high_fp32"]),
         "top10_overlap_dH_high_bf16": r6(fid["top10_overlap_dH_high_bf16"]),
         "max_abs_diff_dH_bf16": r6(fid["max_abs_diff_dH_bf16"]), "dH_std": r6(float(dh["loop"].std())),
+        "rms_err_rel_dH_fp32": r6(fid["rms_err_rel_dH_fp32"]), "rms_err_rel_dH_bf16": r6(fid["rms_err_rel_dH_bf16"]),
     }
+    for p in engine_paths[2:]:  # --compile: the same figures for the compiled paths, targets included
+        d = p.split("+")[0]
+        lim = (1.5, 1e-4) if d == "fp32" else (3.0, None)
+        result[p] = {"tok_s": r6(tok_s[p]), "speedup": r6(speedup[p]), "frac_peak": r6(frac[p]),
+                     "compile_warmup_s": r6(compile_seconds[p]),
+                     **{k.replace(f"_{p}", ""): r6(v) for k, v in fid.items() if k.endswith(f"_{p}")},
+                     "speedup_target_met": bool(speedup[p] >= lim[0])}
+    if sources:
+        result["bf16_dH_error_sources"] = {w: {k: r6(v) for k, v in d.items()} for w, d in sources.items()}
     print(json.dumps(result), flush=True)
     return result
 

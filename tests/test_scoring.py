@@ -265,3 +265,73 @@ def test_per_token_arrays_average_to_the_sample_means(model: LlamaForCausalLM, i
         assert len(nll) == len(ent) == len(r.completion_ids)
         assert nll.mean() == pytest.approx(row[0], abs=1e-5) and ent.mean() == pytest.approx(row[1], abs=1e-5)
         assert ent[0] == pytest.approx(row[3], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- blocked head
+
+
+@pytest.mark.parametrize("vocab_block,chunk", [(7, 4), (50, 1024), (4096, 3), (1, 2)])
+def test_blocked_head_equals_materialised_log_softmax(vocab_block: int, chunk: int) -> None:
+    """The running (max, Z, S) over vocabulary tiles gives the log-softmax NLL and entropy in fp64, for tiles
+    that do not divide the vocabulary, tiles of one token and one tile for all; with a bias and logits spread
+    wide enough that the running max moves between tiles."""
+    from instructdiff.scoring import head_nll_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB, bias=True)
+    hidden = 3.0 * torch.randn(11, 16)
+    labels = torch.randint(0, VOCAB, (11,))
+    nll, ent = head_nll_entropy(head, hidden, labels, chunk_positions=chunk, vocab_block=vocab_block)
+    with torch.no_grad():
+        logp = torch.log_softmax(head(hidden).double(), dim=-1)
+    np.testing.assert_allclose(nll.numpy(), -logp[torch.arange(11), labels].numpy(), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(ent.numpy(), -(logp.exp() * logp).sum(-1).numpy(), atol=2e-5, rtol=0)
+    assert ent.std() > 0.1  # the rows differ: a constant could not pass
+
+
+def test_blocked_head_marks_non_finite_rows_nan() -> None:
+    from instructdiff.scoring import head_nll_entropy
+
+    head = torch.nn.Linear(8, VOCAB, bias=False)
+    hidden = torch.randn(3, 8)
+    hidden[1, 0] = float("nan")
+    nll, ent = head_nll_entropy(head, hidden, torch.tensor([1, 2, 3]), vocab_block=16)
+    assert torch.isnan(nll[1]) and torch.isnan(ent[1])
+    assert torch.isfinite(nll[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
+
+
+def test_low_precision_weights_equal_autocast_and_restore_fp32(model: LlamaForCausalLM,
+                                                                items: list[Rendered]) -> None:
+    """Casting the body's Linear weights once gives the bf16-autocast numbers bit for bit; on exit every
+    weight is the original fp32 tensor again (the same storage, so not even a rounding trip)."""
+    from instructdiff.scoring import low_precision_weights
+
+    before = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()}
+    autocast_only = score_batch(model, items, pad_id=0, dtype="bf16")
+    with low_precision_weights(model, "bf16"):
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        precast = score_batch(model, items, pad_id=0, dtype="bf16")
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
+    assert dtypes["lm_head.weight"] == torch.float32 and dtypes["model.norm.weight"] == torch.float32
+    np.testing.assert_array_equal(precast, autocast_only)
+    assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
+    with low_precision_weights(model, "fp32"):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_body_matches_eager_and_keeps_one_graph(model: LlamaForCausalLM, items: list[Rendered],
+                                                         ref: np.ndarray) -> None:
+    """score.compile: the torch.compile'd body gives the fp32 reference's numbers, and a batch of one row
+    (padded to two inside score_batch) reuses the dynamic-shape graph instead of compiling a second one."""
+    from torch._dynamo.utils import counters
+
+    out = score_batch(model, items, pad_id=0, compile=True)
+    np.testing.assert_allclose(out[:, :2], ref[:, :2], atol=1e-5, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    other_width = score_batch(model, items[2:6], pad_id=0, compile=True)
+    single = score_batch(model, items[2:3], pad_id=0, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    np.testing.assert_allclose(other_width[:, :2], ref[2:6, :2], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(single[0, :2], ref[2, :2], atol=1e-5, rtol=0)
+    assert single[0, 2] == len(items[2].completion_ids)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructdiff.scoring import length_batches, score_batch
+from instructdiff.scoring import length_batches, low_precision_weights, score_batch
 from instructdiff.signals import SignalInputs
 
 
@@ -19,10 +19,11 @@ def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
     dtype = str(options.get("dtype", "fp32"))
     batches = list(length_batches(rendered, int(options.get("max_tokens_per_batch", 4096)),
                                   int(options.get("max_batch_size", 32))))
-    for idx in tqdm(batches, desc="token_stats", unit="batch"):
-        per = score_batch(inputs.model, [rendered[k] for k in idx], pad_id, dtype=dtype, per_token=True)
-        for k, (n, h) in zip(idx, per, strict=True):
-            nll[k, : len(n)] = n
-            ent[k, : len(h)] = h
+    with low_precision_weights(inputs.model, dtype):
+        for idx in tqdm(batches, desc="token_stats", unit="batch"):
+            per = score_batch(inputs.model, [rendered[k] for k in idx], pad_id, dtype=dtype, per_token=True)
+            for k, (n, h) in zip(idx, per, strict=True):
+                nll[k, : len(n)] = n
+                ent[k, : len(h)] = h
     lengths = np.array([len(r.completion_ids) for r in rendered], dtype=np.int32)
     return {"nll": nll, "entropy": ent, "n_tokens": lengths}
