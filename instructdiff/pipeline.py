@@ -164,6 +164,10 @@ class Pipeline:
         return trained_ref(f"{self.base.name}+{purpose}", out, key)
 
     # -- score ---------------------------------------------------------------------------------------
+    def score_numerics(self) -> dict:
+        """The scoring settings that change the numbers (and so the score and selection cache keys)."""
+        return {"dtype": str(self.cfg.score.dtype), **({"compile": True} if self.cfg.score.get("compile") else {})}
+
     def score(self, ref: ModelRef, desc: str, variant: str = "conditioned") -> ScoreTable:
         dtype = str(self.cfg.score.dtype)
         settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
@@ -174,7 +178,7 @@ class Pipeline:
         # Batching changes the float summation order only within 1e-6; keep it out of the key so
         # a different batch size reuses scores. A compiled body fuses ops (and under bf16 skips roundings),
         # so its tables are keyed apart; uncompiled keys stay what they were.
-        key_settings = {"dtype": dtype, **({"compile": True} if settings["compile"] else {})}
+        key_settings = self.score_numerics()
         renderer, rendered, render_fp = self.renderer_for(ref)
         if variant == "unconditioned":
             by_id = {r.id: r for r in self.pool}
@@ -273,6 +277,9 @@ class Pipeline:
         key = stable_hash({"pool": self.pool_fp, "base": self.base.fingerprint, "render": self.render_fp,
                            "selector": selector_cfg, "seed": self.seed, "v": STAGE_VERSIONS["select"],
                            "trainer": self.trainer_cfg if selector.uses_training else None,
+                           # bf16 or compiled scores are other numbers, so another selection; fp32 eager adds
+                           # nothing to the key, so selections cached before this entry stay valid
+                           **({"score": self.score_numerics()} if self.score_numerics() != {"dtype": "fp32"} else {}),
                            # a selector that matches against domain.query depends on those rows' content
                            **({"queries": fingerprint_rows(load_queries(self.cfg.domain))}
                               if selector.uses_queries else {})})

@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=256, help="number of GSM8K train samples (first rows of the file)")
     ap.add_argument("--model", default="smollm2_135m", help="a conf/model name (also the tokenizer source)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--max-tokens-per-batch", type=int, default=4096)
+    ap.add_argument("--max-tokens-per-batch", type=int, default=2048, help="engine token budget (app default 2048)")
     ap.add_argument("--max-batch-size", type=int, default=32, help="engine batch-size cap (app default 32)")
     ap.add_argument("--random-init", default="none", choices=["none", *RANDOM_INIT_SHAPES],
                     help="score a random-initialised model of this shape instead of --model's weights")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from instructdiff.data import DataError
@@ -183,3 +185,32 @@ def test_per_token_signal_is_served_and_cached(make_cfg):
     np.testing.assert_allclose(np.nanmean(arrays["nll"], axis=1), means.aligned("nll", ids), atol=1e-4)
     again = pipe.signal(pipe.base, "token_stats")
     assert pipe.store.hits >= 1 and np.array_equal(again["nll"], arrays["nll"], equal_nan=True)
+
+
+@pytest.mark.slow
+def test_compiled_scoring_has_its_own_cache_key_and_the_same_scores(make_cfg):
+    """score.compile=true scores into new tables (a compiled body is a different computation under bf16),
+    equal to the eager fp32 ones within float noise; the eager key is what it was before the option."""
+    eager = run(make_cfg("selector=ppl", "pipeline.stages=[score,select]"))
+    compiled = run(make_cfg("selector=ppl", "pipeline.stages=[score,select]", "score.compile=true",
+                            run_name="compiled"))
+    assert eager["cache"]["score_store"]["misses"] == 1
+    assert compiled["cache"]["score_store"]["misses"] == 1 and compiled["cache"]["score_store"]["hits"] == 0
+    again = run(make_cfg("selector=ppl", "pipeline.stages=[score,select]", run_name="again"))
+    assert again["cache"]["score_store"] == {"hits": 0, "misses": 0, "passes": []}  # eager selection cached
+    tables = sorted(Path(make_cfg().paths.cache_dir).glob("scores/*.npz"))
+    assert len(tables) == 2
+    a, b = (np.load(t) for t in tables)
+    assert list(a["ids"]) == list(b["ids"])
+    np.testing.assert_allclose(a["nll"], b["nll"], atol=1e-5)
+    np.testing.assert_allclose(a["entropy"], b["entropy"], atol=1e-5)
+
+
+def test_bf16_scores_are_not_served_an_fp32_selection(make_cfg):
+    """The selection cache is keyed by the scoring numerics: after an fp32 run, score.dtype=bf16 scores the
+    pool again and selects from its own numbers instead of returning the cached fp32 selection."""
+    run(make_cfg("selector=ppl", "pipeline.stages=[score,select]"))
+    bf16 = run(make_cfg("selector=ppl", "pipeline.stages=[score,select]", "score.dtype=bf16", run_name="bf16"))
+    assert bf16["cache"]["score_store"]["misses"] == 1 and bf16["cache"]["score_store"]["hits"] == 0
+    fp32_again = run(make_cfg("selector=ppl", "pipeline.stages=[score,select]", run_name="again"))
+    assert fp32_again["cache"]["score_store"] == {"hits": 0, "misses": 0, "passes": []}  # selection cached
