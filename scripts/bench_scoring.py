@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", default=None,
                     help="model cache (default: $INSTRUCTDIFF_CACHE or outputs/cache under the repo root)")
     ap.add_argument("--tune-steps", type=int, default=8, help="AdamW steps that make the second model")
+    ap.add_argument("--second-model", default=None,
+                    help="a saved model dir (e.g. a calibrated model under outputs/cache/models/trained-*) to use "
+                         "as the second model instead of the in-process fine-tune")
     ap.add_argument("--tune-samples", type=int, default=16)
     ap.add_argument("--tune-lr", type=float, default=1e-4)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved slices of the timed sections")
@@ -336,9 +339,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"setup {time.perf_counter() - t0:.1f}s")
 
     t0 = time.perf_counter()
-    log(f"fine-tuning a copy: {args.tune_steps} AdamW steps, lr {args.tune_lr}, "
-        f"{min(args.tune_samples, len(items))} samples, loss on all tokens, seed {args.seed}")
-    tuned = fine_tune(model, items, pad_id, args.tune_steps, args.tune_samples, args.tune_lr, args.seed)
+    if args.second_model:
+        from transformers import AutoModelForCausalLM
+
+        log(f"second model: {args.second_model}")
+        tuned = AutoModelForCausalLM.from_pretrained(args.second_model, dtype=torch.float32).to(device).eval()
+    else:
+        log(f"fine-tuning a copy: {args.tune_steps} AdamW steps, lr {args.tune_lr}, "
+            f"{min(args.tune_samples, len(items))} samples, loss on all tokens, seed {args.seed}")
+        tuned = fine_tune(model, items, pad_id, args.tune_steps, args.tune_samples, args.tune_lr, args.seed)
     log(f"  done in {time.perf_counter() - t0:.1f}s")
     models = {"base": model, "tuned": tuned}
 
@@ -502,6 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.type}: {device_name(device)}", "torch_threads": threads,
         # extras
         "model": args.random_init if args.random_init != "none" else args.model,
+        "second_model": args.second_model or f"fine-tune: {args.tune_steps} AdamW steps at lr {args.tune_lr}",
         "n_response_tokens": n_resp, "passes_per_path": passes,
         "seconds": {p: round(seconds[p], 3) for p in paths},
         "median_round_speedup_fp32": r6(round_speedup["fp32"]),
