@@ -104,7 +104,7 @@ def _decoder_and_head(model):
 def low_precision_weights(model, dtype: str) -> Iterator[None]:
     """For dtype bf16/fp16: the body's Linear weights cast once for the whole pass, restored on exit.
 
-    Autocast would cast every weight again at every forward call (a third of the bf16 body's time on CPU);
+    Autocast would cast every weight again at every forward call (1.37 s → 1.09 s for one SmolLM2 batch on CPU);
     a weight already in the autocast dtype is used as is, so the numbers are bit-identical to plain
     autocast. The LM head is left in fp32 (it feeds the fp32 log-softmax). A no-op for fp32.
     """
