@@ -169,16 +169,15 @@ class Pipeline:
         return {"dtype": str(self.cfg.score.dtype), **({"compile": True} if self.cfg.score.get("compile") else {})}
 
     def score(self, ref: ModelRef, desc: str, variant: str = "conditioned") -> ScoreTable:
-        dtype = str(self.cfg.score.dtype)
-        settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
-                    "max_batch_size": int(self.cfg.score.max_batch_size),
-                    "checkpoint_every": int(self.cfg.score.checkpoint_every),
-                    "pad_id": int(self.renderer_for(ref)[0].tokenizer.pad_token_id), "dtype": dtype,
-                    "compile": bool(self.cfg.score.get("compile", False))}
         # Batching changes the float summation order only within 1e-6; keep it out of the key so
         # a different batch size reuses scores. A compiled body fuses ops (and under bf16 skips roundings),
         # so its tables are keyed apart; uncompiled keys stay what they were.
         key_settings = self.score_numerics()
+        settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
+                    "max_batch_size": int(self.cfg.score.max_batch_size),
+                    "checkpoint_every": int(self.cfg.score.checkpoint_every),
+                    "pad_id": int(self.renderer_for(ref)[0].tokenizer.pad_token_id),
+                    "dtype": key_settings["dtype"], "compile": "compile" in key_settings}
         renderer, rendered, render_fp = self.renderer_for(ref)
         if variant == "unconditioned":
             by_id = {r.id: r for r in self.pool}
@@ -274,12 +273,13 @@ class Pipeline:
     # -- select --------------------------------------------------------------------------------------
     def select(self, selector: Selector) -> Selection:
         selector_cfg = OmegaConf.to_container(self.cfg.selector, resolve=True)
+        numerics = self.score_numerics()
         key = stable_hash({"pool": self.pool_fp, "base": self.base.fingerprint, "render": self.render_fp,
                            "selector": selector_cfg, "seed": self.seed, "v": STAGE_VERSIONS["select"],
                            "trainer": self.trainer_cfg if selector.uses_training else None,
                            # bf16 or compiled scores are other numbers, so another selection; fp32 eager adds
                            # nothing to the key, so selections cached before this entry stay valid
-                           **({"score": self.score_numerics()} if self.score_numerics() != {"dtype": "fp32"} else {}),
+                           **({"score": numerics} if numerics != {"dtype": "fp32"} else {}),
                            # a selector that matches against domain.query depends on those rows' content
                            **({"queries": fingerprint_rows(load_queries(self.cfg.domain))}
                               if selector.uses_queries else {})})
