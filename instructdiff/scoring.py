@@ -225,6 +225,19 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
     return out
 
 
+def score_pass(model, items: list[Rendered], pad_id: int, max_tokens: int, max_batch: int, dtype: str = "fp32",
+               compile: bool = False, per_token: bool = False) -> Iterator[tuple[list[int], object]]:
+    """One scoring pass over ``items``: (indices into items, ``score_batch`` output) per length bucket.
+
+    The pass owns the low-precision weight cast, so every caller (the store, the per-token signal, the
+    benchmark) casts once per pass and none can forget to restore the fp32 weights.
+    """
+    with low_precision_weights(model, dtype):
+        for idx in length_batches(items, max_tokens, max_batch):
+            yield idx, score_batch(model, [items[k] for k in idx], pad_id, dtype=dtype, per_token=per_token,
+                                   compile=compile)
+
+
 def _head_fp32(head, hidden: torch.Tensor) -> torch.Tensor:
     """The vocabulary projection in fp32 whatever the weights' dtype (logits feed log-softmax)."""
     weight = head.weight
@@ -393,21 +406,18 @@ class ScoreStore:
         todo = [r for r in rendered if r.id not in done]
         pad_id = settings.get("pad_id", 0)
         every = int(settings.get("checkpoint_every", 20))
-        batches = list(length_batches(todo, int(settings.get("max_tokens_per_batch", 8192)),
-                                      int(settings.get("max_batch_size", 64))))
-        dtype = str(settings.get("dtype", "fp32"))
+        batches = score_pass(model, todo, pad_id, int(settings.get("max_tokens_per_batch", 8192)),
+                             int(settings.get("max_batch_size", 64)), dtype=str(settings.get("dtype", "fp32")),
+                             compile=bool(settings.get("compile", False)))
         bar = tqdm(total=len(rendered), initial=len(done), desc=desc, unit="sample", dynamic_ncols=True)
-        with low_precision_weights(model, dtype):
-            for n_batch, batch_idx in enumerate(batches, 1):
-                batch = [todo[k] for k in batch_idx]
-                vals = score_batch(model, batch, pad_id, dtype=dtype, compile=bool(settings.get("compile", False)))
-                for r, v in zip(batch, vals, strict=True):
-                    done[r.id] = v
-                bar.update(len(batch))
-                if n_batch % every == 0:
-                    ids = list(done)
-                    self._write(partial, ids, np.stack([done[i] for i in ids]))
-                    crash_point("score.checkpoint")
+        for n_batch, (batch_idx, vals) in enumerate(batches, 1):
+            for k, v in zip(batch_idx, vals, strict=True):
+                done[todo[k].id] = v
+            bar.update(len(batch_idx))
+            if n_batch % every == 0:
+                ids = list(done)
+                self._write(partial, ids, np.stack([done[i] for i in ids]))
+                crash_point("score.checkpoint")
         bar.close()
         ids = [r.id for r in rendered]
         values = np.stack([done[i] for i in ids]) if ids else np.zeros((0, len(RESPONSE_SIGNALS)))

@@ -5,7 +5,7 @@ On the same samples (default: the first 256 GSM8K train rows, SmolLM2-135M-Instr
 
   (a) loop: batch size 1, ``model(ids).logits`` over the whole sequence, full-vocabulary log-softmax at
       every position in fp32, then the response positions are picked (the reference), and
-  (b) engine: ``instructdiff.scoring.score_batch`` over ``length_batches`` in fp32 and in bf16 (bf16 autocast
+  (b) engine: ``instructdiff.scoring.score_pass`` (``score_batch`` over length buckets) in fp32 and in bf16 (bf16 autocast
       for the transformer body, its Linear weights cast once per pass; the LM head and the blocked
       log-sum-exp / entropy stay fp32).
 
@@ -46,7 +46,7 @@ from instructdiff import CONF_DIR, PROJECT_ROOT
 from instructdiff.data import load_source
 from instructdiff.models import load_model, load_tokenizer, pick_device, resolve_model
 from instructdiff.render import Rendered, Renderer, render_pool
-from instructdiff.scoring import length_batches, low_precision_weights, score_batch
+from instructdiff.scoring import pad_right, score_pass
 
 GSM8K_TRAIN = "math/gsm8k/train.jsonl"
 PATHS = ("loop", "fp32", "bf16")
@@ -137,15 +137,9 @@ def fine_tune(base, items: list[Rendered], pad_id: int, steps: int, n_samples: i
     opt = torch.optim.AdamW(tuned.parameters(), lr=lr)
     for s in range(steps):
         batch = [items[pick[(s * per_step + j) % len(pick)]] for j in range(per_step)]
-        width = max(r.n_tokens for r in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(batch):
-            seq = r.prompt_ids + r.completion_ids
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
+        ids, mask = pad_right([r.prompt_ids + r.completion_ids for r in batch], pad_id, device)
         labels = ids.masked_fill(mask == 0, -100)
-        loss = tuned(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        loss = tuned(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -184,12 +178,10 @@ def loop_scores(model, items: list[Rendered]) -> np.ndarray:
 
 def engine_scores(model, items: list[Rendered], pad_id: int, dtype: str, max_tokens: int,
                   max_batch: int, compile: bool = False) -> np.ndarray:
-    """(n, 2) nll, entropy from score_batch over length_batches, in the order of ``items``."""
+    """(n, 2) nll, entropy from the engine's scoring pass (as ScoreStore runs it), in the order of ``items``."""
     out = np.empty((len(items), 2), dtype=np.float64)
-    with low_precision_weights(model, dtype):  # as ScoreStore does for a whole pass
-        for idx in length_batches(items, max_tokens, max_batch):
-            vals = score_batch(model, [items[k] for k in idx], pad_id, dtype=dtype, compile=compile)
-            out[idx] = vals[:, :2]
+    for idx, vals in score_pass(model, items, pad_id, max_tokens, max_batch, dtype=dtype, compile=compile):
+        out[idx] = vals[:, :2]
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from instructdiff.scoring import length_batches, low_precision_weights, score_batch
+from instructdiff.scoring import score_pass
 from instructdiff.signals import SignalInputs
 
 
@@ -17,13 +17,13 @@ def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
     ent = np.full((len(rendered), width), np.nan, dtype=np.float32)
     pad_id = inputs.tokenizer.pad_token_id or 0
     dtype = str(options.get("dtype", "fp32"))
-    batches = list(length_batches(rendered, int(options.get("max_tokens_per_batch", 4096)),
-                                  int(options.get("max_batch_size", 32))))
-    with low_precision_weights(inputs.model, dtype):
-        for idx in tqdm(batches, desc="token_stats", unit="batch"):
-            per = score_batch(inputs.model, [rendered[k] for k in idx], pad_id, dtype=dtype, per_token=True)
+    batches = score_pass(inputs.model, rendered, pad_id, int(options.get("max_tokens_per_batch", 4096)),
+                         int(options.get("max_batch_size", 32)), dtype=dtype, per_token=True)
+    with tqdm(total=len(rendered), desc="token_stats", unit="sample") as bar:
+        for idx, per in batches:
             for k, (n, h) in zip(idx, per, strict=True):
                 nll[k, : len(n)] = n
                 ent[k, : len(h)] = h
+            bar.update(len(idx))
     lengths = np.array([len(r.completion_ids) for r in rendered], dtype=np.int32)
     return {"nll": nll, "entropy": ent, "n_tokens": lengths}
