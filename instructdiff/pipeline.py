@@ -40,6 +40,8 @@ from instructdiff.tracking import Tracker
 log = logging.getLogger("instructdiff")
 
 STAGES = ("calibrate", "score", "select", "train", "eval")
+# signals built from per-token response NLL/entropy: they follow score.response_end
+RESPONSE_END_SIGNALS = frozenset({"token_stats"})
 # Bump when a stage's output for the same inputs changes, so stale cache entries are not reused.
 STAGE_VERSIONS = {"train": 1, "select": 1, "eval": 1}
 
@@ -112,6 +114,15 @@ class Pipeline:
                            "max_length": cfg.domain.get("max_length")}
         self.trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         self._renderers: dict[str, tuple] = {}
+        from instructdiff.render import RESPONSE_END_CHOICES
+
+        self.response_end = str(cfg.score.get("response_end", "exclude"))
+        if self.response_end not in RESPONSE_END_CHOICES:
+            raise ValueError(f"score.response_end must be one of {list(RESPONSE_END_CHOICES)}, "
+                             f"got {self.response_end!r}")
+        # the pool is drawn by domain.pool_seed, never by the run's seed: every seed of a sweep sees the same
+        # pool, so base-model signals are computed once and seeds differ only in what the seed decides
+        self.pool_seed = int(cfg.domain.get("pool_seed", 0) or 0)
 
     def say(self, msg: str) -> None:
         log.info(msg)
@@ -187,6 +198,9 @@ class Pipeline:
             rendered = self._renderers[key]
         elif variant != "conditioned":
             raise ValueError(f"unknown scoring variant {variant!r}; expected conditioned | unconditioned")
+        # end-of-turn tokens are trained on but, by default, not scored (score.response_end); the table's key
+        # hashes every row's completion length, so the two choices never share a table
+        rendered = [r.for_scoring(self.response_end) for r in rendered]
         desc = desc if variant == "conditioned" else f"{desc} ({variant})"
         settings = {**settings, "_key": key_settings}
         cached = self.store.response_path(ref.fingerprint, rendered, render_fp, settings).exists()
@@ -232,6 +246,10 @@ class Pipeline:
         from instructdiff.signals import SignalInputs, get_signal
 
         fn = get_signal(name)
+        if name in RESPONSE_END_SIGNALS:
+            # per-token response signals follow score.response_end like the means do; as an option it is
+            # part of the signal's cache key
+            options = {**options, "response_end": self.response_end}
         renderer, rendered, render_fp = self.renderer_for(ref)
         signal_rows, rows_fp = self.pool, self.pool_fp
         if rows is not None:
@@ -276,6 +294,7 @@ class Pipeline:
         numerics = self.score_numerics()
         key = stable_hash({"pool": self.pool_fp, "base": self.base.fingerprint, "render": self.render_fp,
                            "selector": selector_cfg, "seed": self.seed, "v": STAGE_VERSIONS["select"],
+                           "response_end": self.response_end,
                            "trainer": self.trainer_cfg if selector.uses_training else None,
                            # bf16 or compiled scores are other numbers, so another selection; fp32 eager adds
                            # nothing to the key, so selections cached before this entry stay valid
@@ -411,7 +430,7 @@ class Pipeline:
         """Load and render the pool, resolve the base model: what every stage needs."""
         cfg = self.cfg
         with self.timer.stage("data"):
-            rows, self.report = load_pool(cfg.domain, self.seed)
+            rows, self.report = load_pool(cfg.domain, self.pool_seed)
             self.base = resolve_model(cfg.model, self.cache)
             self.tokenizer = load_tokenizer(self.base)
             self.renderer = Renderer(self.tokenizer, **self.render_cfg)
@@ -436,7 +455,10 @@ class Pipeline:
         selector: Selector = _instantiate_selector(cfg.selector)
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "domain": cfg.domain.name,
                                    "model": self.base.name, "selector": type(selector).__name__,
-                                   "seed": self.seed, "stages": self.stages}
+                                   "seed": self.seed, "pool_seed": self.pool_seed, "stages": self.stages,
+                                   # the model whose passes ranked the pool (a proxy for superfiltering)
+                                   "scoring_model": self.resolve_selector_model(selector).name
+                                   if selector.uses_models else None}
         selection = None
         if any(s in self.stages for s in ("calibrate", "score", "select", "train")):
             selection = self.select(selector)
@@ -545,6 +567,8 @@ class Pipeline:
             "data_files": {f: _sha256(f) for f in sorted({r.meta["source_file"] for r in self.rows
                                                              if "source_file" in r.meta})},
             "pool": {"fingerprint": self.pool_fp, "render_fingerprint": self.render_fp,
+                     "pool_seed": self.pool_seed, "pool_size": self.cfg.domain.get("pool_size"), "seed": self.seed,
+                     "response_end": self.response_end,
                      "report": report.to_dict() if hasattr(report, "to_dict") else str(report),
                      "n_dropped_by_renderer": len(render_dropped)},
             "counts": selection.stats.get("counts") if selection else None,
@@ -601,6 +625,8 @@ def print_summary(results: dict, echo: Callable[[str], None] = print) -> None:
         c = sel.get("counts", {})
         console.print(f"selection: {c.get('selected')} selected, {c.get('not_selected')} not selected, "
                       f"{c.get('dropped')} dropped ({sel.get('dropped_reasons')})")
+    if results.get("scoring_model") and results.get("scoring_model") != results.get("model"):
+        console.print(f"scored by: {results['scoring_model']} (selecting for {results.get('model')})")
     console.print(f"time per stage (s): {results.get('seconds')}")
     cost = results.get("cost") or {}
     if cost.get("selection_flops_uncached") is not None:

@@ -6,8 +6,15 @@ exist (METHODS §0). Concatenating ids fixes the boundary; since training uses t
 text and the trained text are identical by construction.
 
 The completion is the assistant turn exactly as the chat template closes it (e.g. ``response<|im_end|>\\n``
-for ChatML), so the end-of-turn token the model learns to emit is also scored. Plain templates end the
-completion with the tokenizer's EOS.
+for ChatML), so training teaches the model to end its turn. Plain templates end the completion with the
+tokenizer's EOS. ``Rendered.n_end`` counts those closing tokens: scoring leaves them out by default
+(``score.response_end: exclude``, as the InstructDiff and Cherry reference code score the bare response),
+because under the base model the end-of-turn token alone costs several nats and falls to ~0 after calibration,
+which would make it a large share of every row's ΔNLL (docs/methods.md, "What is scored").
+
+Multi-turn rows (``meta["history"]``: earlier [user, assistant] turns, e.g. LIMA) are rendered as the
+conversation they are: the history becomes earlier turns of the prompt, and only the last response is the
+completion (scored and trained).
 """
 
 from __future__ import annotations
@@ -39,10 +46,31 @@ class Rendered:
     id: str
     prompt_ids: list[int]
     completion_ids: list[int]
+    #: trailing completion tokens that close the turn (``<|im_end|>`` + newline, or EOS), not the response text
+    n_end: int = 0
 
     @property
     def n_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+    def for_scoring(self, response_end: str = "exclude") -> Rendered:
+        """The tokens response signals are computed on: without the closing tokens unless ``include``.
+
+        Dropping the tail of the completion is exact: under causal attention the scores of the earlier
+        response tokens do not depend on what follows them."""
+        if response_end not in RESPONSE_END_CHOICES:
+            raise ValueError(f"score.response_end must be one of {RESPONSE_END_CHOICES}, got {response_end!r}")
+        if response_end == "include" or self.n_end == 0:
+            return self
+        return Rendered(self.id, self.prompt_ids, self.completion_ids[: len(self.completion_ids) - self.n_end], 0)
+
+
+RESPONSE_END_CHOICES = ("exclude", "include")
+
+
+def history_turns(row: Row) -> list[tuple[str, str]]:
+    """Earlier (user, assistant) turns of a multi-turn row, oldest first; [] for a single-turn row."""
+    return [(str(q), str(a)) for q, a in (row.meta.get("history") or [])]
 
 
 def user_message(row: Row) -> str:
@@ -77,13 +105,16 @@ class Renderer:
             "max_length": self.max_length,
             "vocab": len(self.tokenizer),
             "eos": self.tokenizer.eos_token,
-            "v": 1,
+            "v": 2,  # 2: multi-turn history rendered as earlier turns
         })
 
     def texts(self, row: Row) -> tuple[str, str]:
-        """(prompt text, completion text) for a row."""
+        """(prompt text, completion text) for a row; earlier turns of a multi-turn row lead the prompt."""
         if self.template == "chat":
-            messages = [{"role": "user", "content": user_message(row)}]
+            messages = []
+            for user, assistant in history_turns(row):
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            messages.append({"role": "user", "content": user_message(row)})
             if self.system_prompt is not None:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -97,7 +128,11 @@ class Renderer:
                 )
             return prompt, full[len(prompt):]
         with_input, without_input = PLAIN_TEMPLATES[self.template]
-        prompt = (with_input if row.input.strip() else without_input).format(
+        # A plain template has no turns: earlier exchanges are written as earlier instruction/response
+        # blocks of the same template, each closed by a blank line, before the current prompt.
+        earlier = "".join(without_input.format(instruction=q, input="") + f"{a}\n\n"
+                          for q, a in history_turns(row))
+        prompt = earlier + (with_input if row.input.strip() else without_input).format(
             instruction=row.instruction, input=row.input)
         return prompt, row.response + (self.tokenizer.eos_token or "")
 
@@ -106,8 +141,33 @@ class Renderer:
         tok = self.tokenizer
         # Chat templates write BOS themselves; plain templates need the tokenizer's special tokens.
         prompt_ids = tok(prompt, add_special_tokens=self.template != "chat")["input_ids"]
-        completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
-        return Rendered(row.id, list(prompt_ids), list(completion_ids))
+        completion_ids = list(tok(completion, add_special_tokens=False)["input_ids"])
+        return Rendered(row.id, list(prompt_ids), completion_ids, self._n_end(row, completion, completion_ids))
+
+    def _n_end(self, row: Row, completion: str, completion_ids: list[int]) -> int:
+        """How many trailing completion tokens lie after the response text (the turn's closing tokens)."""
+        response = row.response
+        cut = completion.rfind(response) if response else 0
+        if cut < 0:  # a template that rewrites the content (e.g. strips it)
+            response = response.strip()
+            cut = completion.rfind(response)
+        if cut < 0:
+            raise ValueError(f"row {row.id}: the rendered completion does not contain the response text; "
+                             "use model.template=alpaca for this model")
+        end_chars = cut + len(response)
+        if end_chars == len(completion):
+            return 0
+        tok = self.tokenizer
+        if getattr(tok, "is_fast", False):
+            offsets = tok(completion, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            # a token that starts at or after the end of the response text is a closing token; one that
+            # straddles the boundary (BPE merged response and suffix) belongs to the response
+            return sum(1 for start, _ in offsets if start >= end_chars)
+        response_ids = list(tok(completion[:end_chars], add_special_tokens=False)["input_ids"])
+        if completion_ids[: len(response_ids)] != response_ids:
+            raise ValueError(f"row {row.id}: cannot locate the end of the response among the completion tokens "
+                             "(slow tokenizer and a merge across the boundary); use a fast tokenizer")
+        return len(completion_ids) - len(response_ids)
 
     def unconditioned(self, row: Row) -> Rendered:
         """The same completion ids after a prompt with an empty instruction and input: the "direct answer"
@@ -115,7 +175,8 @@ class Renderer:
         empty = Row(row.id, "", "", row.response)
         prompt, _ = self.texts(empty)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=self.template != "chat")["input_ids"]
-        return Rendered(row.id, list(prompt_ids), self(row).completion_ids)
+        conditioned = self(row)
+        return Rendered(row.id, list(prompt_ids), conditioned.completion_ids, conditioned.n_end)
 
     def prompt_ids(self, row: Row) -> list[int]:
         prompt, _ = self.texts(row)

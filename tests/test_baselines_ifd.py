@@ -239,11 +239,21 @@ def test_ifd_end_to_end_ratio_wiring(make_cfg, tmp_path, shared_cache):
     by_id = {r["id"]: r for r in rows}
     for row in pipe.pool[:3]:
         uncond = pipe.renderer.unconditioned(row)
-        assert uncond.completion_ids == pipe.renderer(row).completion_ids
-        nll_u = score_batch(model, [uncond], pipe.tokenizer.pad_token_id)[0, 0]
-        nll_c = score_batch(model, [pipe.renderer(row)], pipe.tokenizer.pad_token_id)[0, 0]
+        cond = pipe.renderer(row)
+        assert uncond.completion_ids == cond.completion_ids
+        # the direct-answer context really is another context: same response, a shorter prompt without
+        # the instruction (IFD ≡ 1 if the two collapsed)
+        assert uncond.prompt_ids != cond.prompt_ids and len(uncond.prompt_ids) < len(cond.prompt_ids)
+        # the pipeline scores the response without the turn's closing tokens (score.response_end=exclude)
+        nll_u = score_batch(model, [uncond.for_scoring("exclude")], pipe.tokenizer.pad_token_id)[0, 0]
+        nll_c = score_batch(model, [cond.for_scoring("exclude")], pipe.tokenizer.pad_token_id)[0, 0]
         assert by_id[row.id]["scores"]["nll_unconditioned"] == pytest.approx(nll_u, rel=1e-4)
         assert by_id[row.id]["scores"]["nll_conditioned"] == pytest.approx(nll_c, rel=1e-4)
+    # a collapsed direct-answer context would give IFD ≡ 1 on every row (to float rounding, ~1e-7); the tiny
+    # random model barely uses its context, so its IFDs sit within ~1e-3 of 1, but not at 1
+    ifds = np.array([r["scores"]["ifd"] for r in rows if r["scores"].get("ifd") is not None])
+    assert np.mean(np.abs(ifds - 1.0) > 1e-5) > 0.9, ifds
+    assert len(np.unique(np.round(ifds, 6))) > len(ifds) // 2
     assert results["trainings"] == []
 
 
@@ -297,3 +307,22 @@ def test_selectit_end_to_end(make_cfg, tmp_path):
     rest = [r["scores"]["selectit"] for r in rows if r["status"] == "not_selected"]
     assert chosen == sorted(chosen, reverse=True) and min(chosen) >= max(rest)
     assert all(len([k for k in r["scores"] if k.startswith("s_tok_") and k[6:].isdigit()]) == 3 for r in rows)
+
+
+@pytest.mark.parametrize("selector", ["superfiltering", "superfiltering_d"])
+def test_superfiltering_scores_with_the_small_proxy_whatever_the_target(make_cfg, selector):
+    for target in ("tiny", "qwen2_5_7b", "llama3_8b"):
+        assert make_cfg(f"selector={selector}", f"model={target}").selector.model == "smollm2_135m"
+    assert make_cfg(f"selector={selector}", "selector.model=null").selector.model is None
+
+
+@pytest.mark.slow
+def test_superfiltering_on_the_tiny_target_is_scored_by_smollm2(make_cfg, tmp_path):
+    """model=tiny selector=superfiltering: the proxy (the real SmolLM2-135M) scores, results.json says so."""
+    results = run(make_cfg("selector=superfiltering", "domain.pool_size=12",
+                           "pipeline.stages=[calibrate,score,select]"))
+    assert results["model"] == "tiny" and results["scoring_model"] == "smollm2_135m"
+    assert results["selection"]["scoring_model"] == "smollm2_135m"
+    own = run(make_cfg("selector=superfiltering", "selector.model=null", "domain.pool_size=12",
+                       "pipeline.stages=[calibrate,score,select]", run_name="own"))
+    assert own["scoring_model"] == "tiny"

@@ -179,7 +179,10 @@ def test_per_token_signal_is_served_and_cached(make_cfg):
     means = pipe.score(pipe.base, "base")
     ids = [r.id for r in pipe.pool]
     lengths = arrays["n_tokens"]
-    assert lengths.tolist() == [pipe.response_tokens[i] for i in ids]
+    # score.response_end=exclude (default): the scored tokens are the trained ones minus the turn's closing ones
+    by_id = {r.id: r for r in pipe.rendered}
+    assert lengths.tolist() == [pipe.response_tokens[i] - by_id[i].n_end for i in ids]
+    assert all(by_id[i].n_end > 0 for i in ids)
     import numpy as np
 
     np.testing.assert_allclose(np.nanmean(arrays["nll"], axis=1), means.aligned("nll", ids), atol=1e-4)
@@ -214,3 +217,46 @@ def test_bf16_scores_are_not_served_an_fp32_selection(make_cfg):
     assert bf16["cache"]["score_store"]["misses"] == 1 and bf16["cache"]["score_store"]["hits"] == 0
     fp32_again = run(make_cfg("selector=ppl", "pipeline.stages=[score,select]", run_name="again"))
     assert fp32_again["cache"]["score_store"] == {"hits": 0, "misses": 0, "passes": []}  # selection cached
+
+
+def test_seeds_share_one_pool_and_one_base_scoring_pass(make_cfg, tmp_path):
+    """domain.pool_seed draws the pool; the run's seed does not: seeds 0 and 1 of a sweep score the base once."""
+    stages = "pipeline.stages=[calibrate,score,select]"
+    first = run(make_cfg("seed=0", stages, run_name="s0"))
+    second = run(make_cfg("seed=1", stages, run_name="s1"))
+    base_events = [[e for e in r["cache"]["events"] if e["stage"] == "score" and "base model" in e["what"]]
+                   for r in (first, second)]
+    assert [e["hit"] for e in base_events[0]] == [False]
+    assert [e["hit"] for e in base_events[1]] == [True]  # the base pass of seed 0 served seed 1
+    calibrated = [e for e in second["cache"]["events"] if e["stage"] == "score" and "base model" not in e["what"]]
+    assert calibrated and not any(e["hit"] for e in calibrated)  # seed 1 calibrates on its own warmup slice
+    m0, m1 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("s0", "s1"))
+    assert m0["pool"]["fingerprint"] == m1["pool"]["fingerprint"]
+    assert (m0["pool"]["pool_seed"], m0["pool"]["seed"]) == (0, 0) and (m1["pool"]["pool_seed"], m1["pool"]["seed"]) == (0, 1)
+    assert first["pool_seed"] == second["pool_seed"] == 0
+    ids0 = {r["id"] for r in _jsonl(tmp_path / "s0" / "selection.jsonl")}
+    assert ids0 == {r["id"] for r in _jsonl(tmp_path / "s1" / "selection.jsonl")}
+    # another pool_seed is another pool (and another base pass)
+    third = run(make_cfg("seed=0", "domain.pool_seed=1", stages, run_name="p1"))
+    m2 = json.loads((tmp_path / "p1" / "manifest.json").read_text())
+    assert m2["pool"]["fingerprint"] != m0["pool"]["fingerprint"] and m2["pool"]["pool_seed"] == 1
+    assert ids0 != {r["id"] for r in _jsonl(tmp_path / "p1" / "selection.jsonl")}
+    assert not [e for e in third["cache"]["events"] if e["stage"] == "score" and "base model" in e["what"]][0]["hit"]
+
+
+def test_response_end_is_its_own_selection_and_changes_the_scores(make_cfg, tmp_path):
+    stages = "pipeline.stages=[calibrate,score,select]"
+    run(make_cfg(stages, run_name="excl"))
+    again = run(make_cfg(stages, "score.response_end=include", run_name="incl"))
+    select_events = [e for e in again["cache"]["events"] if e["stage"] == "select"]
+    assert select_events and not select_events[0]["hit"]  # never served the other choice's selection
+    excl = {r["id"]: r for r in _jsonl(tmp_path / "excl" / "selection.jsonl")}
+    incl = {r["id"]: r for r in _jsonl(tmp_path / "incl" / "selection.jsonl")}
+    assert excl.keys() == incl.keys()
+    diffs = [abs(excl[i]["scores"]["nll_base"] - incl[i]["scores"]["nll_base"]) for i in excl
+             if excl[i]["scores"].get("nll_base") is not None and incl[i]["scores"].get("nll_base") is not None]
+    assert diffs and min(diffs) > 0  # every row's mean NLL moves when its closing tokens are (not) counted
+    manifest = json.loads((tmp_path / "incl" / "manifest.json").read_text())
+    assert manifest["pool"]["response_end"] == "include"
+    with pytest.raises(ValueError, match="score.response_end"):
+        run(make_cfg(stages, "score.response_end=maybe", run_name="bad"))

@@ -212,3 +212,96 @@ def test_unconditioned_keeps_completion_and_drops_instruction(tok: Any, template
     prompt = dec(tok, direct.prompt_ids)
     assert "Add the two numbers" not in prompt and "first 12" not in prompt
     assert len(direct.prompt_ids) < len(full.prompt_ids) and direct.prompt_ids
+
+
+# ------------------------------------------------------------------------------- end of turn, multi-turn
+
+
+def test_closing_tokens_are_counted_and_left_out_of_scoring_only_on_request(tok: Any) -> None:
+    row = row_with_input()
+    chat = Renderer(tok, "chat")(row)
+    # ChatML closes the turn with <|im_end|> and a newline: exactly those tokens, nothing of the response
+    assert chat.n_end >= 1
+    assert dec(tok, chat.completion_ids[len(chat.completion_ids) - chat.n_end:]) == CHATML_END
+    scored = chat.for_scoring("exclude")
+    assert dec(tok, scored.completion_ids) == RESPONSE
+    assert scored.prompt_ids == chat.prompt_ids and scored.n_end == 0
+    assert chat.for_scoring("include") is chat
+    plain = Renderer(tok, "alpaca")(row)
+    assert plain.n_end == 1 and plain.completion_ids[-1] == tok.eos_token_id
+    assert dec(tok, plain.for_scoring("exclude").completion_ids) == RESPONSE
+    # the direct-answer (IFD) rendering scores the very same response tokens
+    uncond = Renderer(tok, "chat").unconditioned(row)
+    assert uncond.for_scoring("exclude").completion_ids == scored.completion_ids
+    with pytest.raises(ValueError, match="response_end"):
+        chat.for_scoring("drop")
+
+
+def test_a_response_that_ends_inside_a_merged_token_keeps_that_token() -> None:
+    """A BPE merge across the response/suffix boundary belongs to the response (never dropped from it)."""
+
+    class MergingTok:  # a fast tokenizer whose last response character merges with the first suffix one
+        is_fast = True
+        chat_template = None
+        eos_token = "Z"
+
+        def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+            spans = [(k, k + 1) for k in range(len(text) - 2)] + [(len(text) - 2, len(text))]
+            out = {"input_ids": list(range(len(spans)))}
+            if return_offsets_mapping:
+                out["offset_mapping"] = spans
+            return out
+
+    renderer = Renderer.__new__(Renderer)
+    renderer.tokenizer = MergingTok()
+    row = Row.make("q", "", "abc")
+    ids = list(range(3))  # "a", "b", "cZ"
+    assert renderer._n_end(row, "abcZ", ids) == 0
+
+
+def lima_row() -> Row:
+    history = [["First question ZQXJ?", "First answer vqwkz."], ["Second question?", "Second answer 7319."]]
+    return Row.make("Third question: and now?", "", "Third answer, the one scored.", {"history": history})
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_multi_turn_row_renders_its_history_as_earlier_turns(tok: Any, template: str) -> None:
+    row = lima_row()
+    renderer = Renderer(tok, template)
+    r = renderer(row)
+    prompt, completion = dec(tok, r.prompt_ids), dec(tok, r.completion_ids)
+    # the history comes first, in order, and only the last response is the completion
+    positions = [prompt.find(t) for t in ("First question ZQXJ?", "First answer vqwkz.", "Second question?",
+                                          "Second answer 7319.", "Third question: and now?")]
+    assert -1 not in positions and positions == sorted(positions), positions
+    assert "Third answer" not in prompt
+    assert completion.startswith("Third answer, the one scored.")
+    assert dec(tok, r.for_scoring("exclude").completion_ids) == "Third answer, the one scored."
+    if template == "chat":
+        assert prompt.count("<|im_start|>assistant\n") == 3  # two earlier assistant turns + the generation prompt
+        assert prompt.count("<|im_start|>user\n") == 3
+    # the loss mask covers exactly the last response and its closing tokens
+    ds = build_dataset([row], renderer)
+    ids, mask = ds[0]["input_ids"], ds[0]["completion_mask"]
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert trained == r.completion_ids and ids == r.prompt_ids + r.completion_ids
+    assert sum(mask) == len(r.completion_ids) and mask[: len(r.prompt_ids)] == [0] * len(r.prompt_ids)
+    # a single-turn row with the same last exchange renders a strictly shorter prompt
+    single = Renderer(tok, template)(Row.make(row.instruction, "", row.response))
+    assert single.completion_ids == r.completion_ids and len(single.prompt_ids) < len(r.prompt_ids)
+
+
+def test_bundled_lima_multi_turn_rows_keep_their_history(tok: Any) -> None:
+    from omegaconf import OmegaConf
+
+    from instructdiff.data import load_pool
+
+    cfg = OmegaConf.load(CONF_DIR / "domain" / "general.yaml")
+    cfg.pool_size = None
+    rows, report = load_pool(cfg, seed=0)
+    multi = [r for r in rows if r.meta.get("history")]
+    assert report.n_multi_turn == len(multi) > 0
+    row = multi[0]
+    prompt = dec(tok, Renderer(tok, "chat")(row).prompt_ids)
+    first_user, first_assistant = row.meta["history"][0]
+    assert first_user[:40] in prompt and first_assistant[:40] in prompt

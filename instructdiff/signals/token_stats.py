@@ -11,7 +11,8 @@ from instructdiff.signals import SignalInputs
 
 
 def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
-    rendered = inputs.rendered
+    # the pipeline passes score.response_end; exclude (the default) leaves the turn's closing tokens out
+    rendered = [r.for_scoring(str(options.get("response_end", "include"))) for r in inputs.rendered]
     width = max((len(r.completion_ids) for r in rendered), default=0)
     nll = np.full((len(rendered), width), np.nan, dtype=np.float32)
     ent = np.full((len(rendered), width), np.nan, dtype=np.float32)
