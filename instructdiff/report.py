@@ -2,9 +2,15 @@
 
 Writes into the multirun directory (or ``--out``):
 
-    report.md        results per domain (mean ± 95% CI over seeds, gain over full and random), missing runs,
-                     selection overlap, cost per selector, the plots
+    report.md        what the study found (a paragraph generated from the paired comparison on the primary
+                     metric), results per domain (mean ± 95% CI over seeds, gain over full and random), the
+                     paired comparison, missing runs, selection overlap, cost per selector, the plots
     report.csv       the results table in long form: one row per (domain, setting, fraction, selector, metric)
+    paired.csv       per (domain, setting, fraction, selector, metric, reference random|full): the mean of the
+                     per-seed differences selector − reference over runs with the same seed (and so the same
+                     pool: it is drawn by ``domain.pool_seed``), its 95% t interval, n and the verdict
+                     better | indistinguishable | worse (better/worse only when the interval excludes 0, in the
+                     metric's direction), n/a for fewer than 2 pairs
     runs.csv         one row per job: status (ok | missing/failed | not started), selector, seed, directory
     overlap.csv      Jaccard of the selected id sets between selectors, mean over seeds
     cost.csv         wall time per stage, scoring passes, trainings, cache hits/misses and estimated FLOPs
@@ -24,6 +30,9 @@ never got a directory are found from the sweep's ``multirun.yaml`` (basic sweepe
 Runs are told apart by the overrides that vary across the sweep: ``selector``, ``seed``,
 ``selector.budget.fraction``, ``selector.<option>`` (shown in the selector's label, e.g.
 ``instructdiff [warmup_ratio=0.05]``) and anything else (shown as the run's setting).
+
+``instructdiff-report --verify JOB_DIR`` reruns one finished job from its recorded config and says whether it
+reproduces (instructdiff/verify.py).
 """
 
 from __future__ import annotations
@@ -51,6 +60,8 @@ IGNORED_KEYS = ("paths.", "logger", "hydra.")
 LOWER_IS_BETTER = ("bits_per_byte", "perplexity", "loss", "nll", "bpb")
 STAGE_ORDER = ("data", "calibrate", "score", "select", "train", "eval")
 MAX_DELTA_GROUPS = 8
+PAIRED_COLUMNS = ("domain", "setting", "fraction", "selector", "metric", "lower_is_better", "reference",
+                  "n_pairs", "seeds", "mean_diff", "ci_low", "ci_high", "verdict")
 # cost.csv column -> results.json["cost"] key (instructdiff/cost.py), mean over a selector's runs
 COST_COLUMNS = (("mean_selection_flops", "selection_flops_uncached"),
                 ("mean_selection_flops_this_run", "selection_flops"), ("mean_train_flops", "train_flops"),
@@ -58,39 +69,13 @@ COST_COLUMNS = (("mean_selection_flops", "selection_flops_uncached"),
 
 
 # -- statistics ---------------------------------------------------------------------------------------------
-def _t_two_sided_mass(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4): exact, without scipy."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2 == 1:
-        total, term = 0.0, s * c  # series in sinθ·cos^(2k+1)θ with coefficients 2·4…/(1·3…)
-        if df > 1:
-            total = term
-            for k in range(1, (df - 3) // 2 + 1):
-                term *= c * c * (2 * k) / (2 * k + 1)
-                total += term
-        return 2.0 / math.pi * (theta + total)
-    total, term = 1.0, 1.0
-    for k in range(1, (df - 2) // 2 + 1):
-        term *= c * c * (2 * k - 1) / (2 * k)
-        total += term
-    return s * total
-
-
 def t_quantile(df: int, level: float = CI_LEVEL) -> float:
-    """t_{(1+level)/2, df}: the half-width multiplier of a two-sided ``level`` interval (bisection)."""
+    """t_{(1+level)/2, df}: the half-width multiplier of a two-sided ``level`` interval (Student's t, scipy)."""
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
-    lo, hi = 0.0, 1.0
-    while _t_two_sided_mass(hi, df) < level:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if _t_two_sided_mass(mid, df) < level:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    from scipy.stats import t
+
+    return float(t.ppf((1 + level) / 2, df))
 
 
 def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float | None, int]:
@@ -100,6 +85,8 @@ def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, fl
     n = len(xs)
     if n == 0:
         raise ValueError("mean_ci of no values")
+    if all(x == xs[0] for x in xs):  # no spread: exactly 0, not the rounding noise of summing equal values
+        return xs[0], (None if n == 1 else 0.0), n
     mean = sum(xs) / n
     if n == 1:
         return mean, None, 1
@@ -108,9 +95,33 @@ def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, fl
 
 
 def lower_is_better(metric: str) -> bool:
+    """True for loss-like metrics (bits_per_byte, nll, word_perplexity, byte_perplexity, loss, bpb): the metric
+    name (``<task>/<metric>[/<filter>]``) contains one of ``LOWER_IS_BETTER``; accuracies, exact_match,
+    pass@1 and loglikelihood are higher-is-better."""
     parts = metric.split("/")
     name = parts[1] if len(parts) > 1 else parts[0]  # the task name ("id_gsm8k_bpb") says nothing
     return any(w in name for w in LOWER_IS_BETTER)
+
+
+def eval_tasks(config: dict) -> list[str]:
+    """The eval task names of a run's resolved config, in order (``eval.tasks``, else ``domain.eval_tasks``)."""
+    for key in ("eval.tasks", "domain.eval_tasks"):
+        tasks = _get(config, key)
+        if isinstance(tasks, list) and tasks:
+            return [str(t) for t in tasks]
+    return []
+
+
+def primary_metric(metrics: Iterable[str], tasks: Sequence[str] = ()) -> str | None:
+    """The first ``*bits_per_byte`` metric, else the first metric: metrics ordered by their task's place in
+    ``tasks`` (the domain's eval tasks), then by name. None for no metrics."""
+    def key(m: str) -> tuple:
+        task = m.split("/")[0]
+        return (tasks.index(task) if task in tasks else len(tasks), m)
+
+    ordered = sorted(set(metrics), key=key)
+    bpb = [m for m in ordered if m.split("/")[1 if "/" in m else 0].endswith("bits_per_byte")]
+    return (bpb or ordered or [None])[0]
 
 
 def relative_gain(value: float, ref: float | None, metric: str) -> float | None:
@@ -119,6 +130,51 @@ def relative_gain(value: float, ref: float | None, metric: str) -> float | None:
         return None
     gain = (value - ref) / abs(ref) * 100.0
     return -gain if lower_is_better(metric) else gain
+
+
+@dataclass
+class PairedDiff:
+    """Per-seed differences ``selector − reference`` of one metric: their mean, the ``CI_LEVEL`` t interval
+    (None for n < 2) and the verdict: ``better`` / ``worse`` only when the interval excludes 0 (in the
+    metric's direction), ``indistinguishable`` when it contains 0, ``n/a`` when there is no interval."""
+
+    metric: str
+    seeds: list
+    diffs: list[float]
+    mean: float | None
+    low: float | None
+    high: float | None
+    verdict: str
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+
+def paired_verdict(low: float | None, high: float | None, metric: str) -> str:
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    lower = lower_is_better(metric)
+    if high < 0:
+        return "better" if lower else "worse"
+    if low > 0:
+        return "worse" if lower else "better"
+    return "indistinguishable"
+
+
+def paired_diff(values: dict[Any, float], ref_values: dict[Any, float], metric: str,
+                level: float = CI_LEVEL) -> PairedDiff:
+    """Pair ``values`` and ``ref_values`` ({seed: value}) on the seeds both have; mean of the differences
+    (values − reference) ± t_{(1+level)/2, n−1}·s_d/√n."""
+    seeds = sorted(set(values) & set(ref_values), key=lambda s: (str(type(s)), s))
+    diffs = [float(values[s]) - float(ref_values[s]) for s in seeds]
+    if not diffs:
+        return PairedDiff(metric, [], [], None, None, None, "n/a")
+    mean, half, n = mean_ci(diffs, level)
+    if half is None:
+        return PairedDiff(metric, seeds, diffs, mean, None, None, "n/a")
+    low, high = mean - half, mean + half
+    return PairedDiff(metric, seeds, diffs, mean, low, high, paired_verdict(low, high, metric))
 
 
 def jaccard(a: set, b: set) -> float:
@@ -305,9 +361,23 @@ def _fmt_ci(mean: float, half: float | None, n: int) -> str:
 
 
 def _fmt_gain(g: float | None) -> str:
-    if g is None:
+    """A signed percentage: "+11.9%", "-0.3%"; a gain that rounds to 0.0 keeps its sign and two significant
+    digits ("+0.012%", "-0.0031%"), an exact 0 is "+0.0%". Never "±": a gain is a value, not an interval."""
+    if g is None or not math.isfinite(g):
         return "—"
-    return "±0.0%" if abs(g) < 0.05 else f"{g:+.1f}%"
+    if g != 0 and abs(g) < 0.05:
+        return f"{g:+.2g}%"
+    return f"{g:+.1f}%"
+
+
+def _fmt_signed(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:+.{digits}g}"
+
+
+def _fmt_interval(low: float | None, high: float | None, digits: int = 3) -> str:
+    return "—" if low is None or high is None else f"{_fmt_signed(low, digits)}…{_fmt_signed(high, digits)}"
 
 
 def _fmt_frac(f: float | None) -> str:
@@ -375,6 +445,8 @@ class Group:
     fraction: float | None
     label: str
     values: dict[str, dict[Any, float]] = field(default_factory=lambda: defaultdict(dict))
+    selector: str = ""                                    # conf/selector name; BASE_LABEL for the base row
+    params: dict[str, str] = field(default_factory=dict)  # swept selector options (in the label)
 
     def stats(self, metric: str) -> tuple[float, float | None, int] | None:
         vals = list(self.values.get(metric, {}).values())
@@ -394,6 +466,7 @@ class Report:
         self.groups = self._group()
         self.metrics = sorted({m for g in self.groups.values() for m in g.values})
         self.plots: list[tuple[str, str]] = []  # (section, file name)
+        self._paired: list[tuple[Group, str, PairedDiff]] | None = None
 
     # -- loading ----------------------------------------------------------------------------------------
     def _add_not_started(self) -> None:
@@ -461,7 +534,9 @@ class Report:
                     v = _num(v)
                     if v is None or not math.isfinite(v):
                         continue
-                    g = groups.setdefault(key, Group(j.domain, j.setting, frac, label))
+                    g = groups.setdefault(key, Group(
+                        j.domain, j.setting, frac, label, selector=j.selector if which == "trained" else BASE_LABEL,
+                        params=dict(j.params) if which == "trained" else {}))
                     g.values[m].setdefault(j.seed, v)  # a seed repeated in merged sweeps counts once
         return groups
 
@@ -471,11 +546,39 @@ class Report:
                                          _label_key(g.label)))
 
     def reference(self, g: Group, selector: str) -> Group | None:
-        for (domain, setting, frac, label), ref in self.groups.items():
-            if (domain, setting, label) == (g.domain, g.setting, selector) and (
-                    selector == "full" or frac == g.fraction):
-                return ref
-        return None
+        """The ``selector`` (random | full) group ``g`` is compared with: same domain and setting, same fraction
+        (not for full, which ignores the budget), and where the reference itself has swept options, the same
+        values of those; None for the base row, for a group of the reference selector itself, or when the study
+        has no such runs."""
+        if g.label == BASE_LABEL or g.selector == selector:
+            return None
+        cands = [r for r in self.groups.values()
+                 if r.selector == selector and (r.domain, r.setting) == (g.domain, g.setting)
+                 and (selector == "full" or r.fraction == g.fraction)
+                 and all(g.params.get(k) == v for k, v in r.params.items())]
+        if not cands:
+            return None
+        return max(cands, key=lambda r: (len(r.params), r.label))  # the most specific match
+
+    def paired(self) -> list[tuple[Group, str, PairedDiff]]:
+        """(group, reference, PairedDiff) for every selector group, metric and reference (random, full) the
+        study has: same seed, same pool (domain.pool_seed), same other swept settings; cached."""
+        if self._paired is None:
+            self._paired = []
+            for g in self.ordered_groups():
+                for m in sorted(g.values):
+                    for ref_name in ("random", "full"):
+                        ref = self.reference(g, ref_name)
+                        if ref is not None and ref.values.get(m):
+                            self._paired.append((g, ref_name, paired_diff(g.values[m], ref.values[m], m)))
+        return self._paired
+
+    def primary_metric(self, domain: str) -> str | None:
+        """The domain's first ``*bits_per_byte`` metric (in the order of its eval tasks), else its first metric."""
+        metrics = {m for g in self.groups.values() if g.domain == domain and g.label != BASE_LABEL
+                   for m in g.values}
+        config = next((j.config for j in self.ok if j.domain == domain), {})
+        return primary_metric(metrics, eval_tasks(config))
 
     def gains(self, g: Group, metric: str) -> tuple[float | None, float | None]:
         st = g.stats(metric)
@@ -519,6 +622,110 @@ class Report:
                 })
         return rows
 
+    def paired_rows(self) -> list[dict[str, Any]]:
+        return [{"domain": g.domain, "setting": g.setting, "fraction": g.fraction, "selector": g.label,
+                 "metric": p.metric, "lower_is_better": lower_is_better(p.metric), "reference": ref,
+                 "n_pairs": p.n, "seeds": " ".join(str(s) for s in p.seeds), "mean_diff": p.mean,
+                 "ci_low": p.low, "ci_high": p.high, "verdict": p.verdict} for g, ref, p in self.paired()]
+
+    def group_name(self, g: Group) -> str:
+        """The group's label, with its fraction where the domain's selectors ran at several, and its setting."""
+        fracs = {x.fraction for x in self.groups.values()
+                 if x.domain == g.domain and x.selector not in (BASE_LABEL, "full")}
+        name = g.label
+        if len(fracs) > 1 and g.selector != "full":
+            name += f" @{_fmt_frac(g.fraction)}"
+        return name + (f" ({g.setting})" if g.setting else "")
+
+    def paired_markdown(self) -> list[str]:
+        md = ["## Paired comparison (same seed, same pool)", "",
+              "Every seed's run of a selector minus the run of the reference with the same seed (same pool: "
+              "the pool is drawn by `domain.pool_seed`, not by the seed), domain and other swept settings; "
+              "`random` also at the same budget fraction, `full` on the seed only (it ignores the budget). "
+              "**mean diff = selector − reference**, averaged over the n paired seeds, with its "
+              f"{CI_LEVEL:.0%} confidence interval from Student's t (t_{{0.975,n−1}}·s_d/√n). Verdict: "
+              "`better` or `worse` only when the interval excludes 0, in the metric's direction (↓ = lower is "
+              "better, so a negative difference is an improvement); `indistinguishable` when it contains 0; "
+              "`n/a` when fewer than 2 seeds pair up (no interval, no verdict).", ""]
+        paired = self.paired()
+        if not paired:
+            md += ["No selector could be paired with `random` or `full` (the study has neither, or no shared "
+                   "seeds and settings).", ""]
+            return md
+        for domain in sorted({g.domain for g, _, _ in paired}):
+            rows = [(g, ref, p) for g, ref, p in paired if g.domain == domain]
+            with_setting = any(g.setting for g, _, _ in rows)
+            header = ["selector", "fraction", *(["setting"] if with_setting else []), "metric", "vs", "n",
+                      "mean diff", f"{CI_LEVEL:.0%} CI", "verdict"]
+            table = [[g.label, _fmt_frac(g.fraction), *([g.setting] if with_setting else []),
+                      p.metric + (" ↓" if lower_is_better(p.metric) else ""), ref, p.n,
+                      _fmt_signed(p.mean, 4), _fmt_interval(p.low, p.high, 4), p.verdict]
+                     for g, ref, p in rows]
+            md += [f"### {domain}", "", *_md_table(header, table), ""]
+        return md
+
+    def summary_markdown(self) -> list[str]:
+        """"What this study found": per domain, on its primary metric, how many selectors were better /
+        indistinguishable / worse than random and than full (paired by seed), the best by mean, and whether
+        InstructDiff beat random. Built from the paired table only."""
+        md = ["## What this study found", ""]
+        domains = sorted({g.domain for g in self.groups.values() if g.label != BASE_LABEL})
+        if not domains:
+            return md + ["No trained-model metrics in any finished run: nothing to compare.", ""]
+        for domain in domains:
+            metric = self.primary_metric(domain)
+            if metric is None:
+                continue
+            lower = lower_is_better(metric)
+            where = f"**{domain}**: " if len(domains) > 1 else ""
+            sentences = [f"{where}Primary metric `{metric}` ({'lower' if lower else 'higher'} is better); "
+                         f"differences are selector − reference over runs paired by seed on the same pool, "
+                         f"with {CI_LEVEL:.0%} t intervals."]
+            paired = [(g, ref, p) for g, ref, p in self.paired() if g.domain == domain and p.metric == metric]
+            for ref in ("random", "full"):
+                rows = [(g, p) for g, r, p in paired if r == ref]
+                if not any(g.selector == ref for g in self.groups.values() if g.domain == domain):
+                    sentences.append(f"No `{ref}` runs to compare against.")
+                    continue
+                if not rows:
+                    sentences.append(f"No selector could be paired with `{ref}` (no shared seeds and settings).")
+                    continue
+                parts = []
+                for verdict in ("better", "indistinguishable", "worse"):
+                    names = [self.group_name(g) for g, p in rows if p.verdict == verdict]
+                    parts.append(f"{len(names)} {verdict}" + (f" ({', '.join(names)})" if names else ""))
+                na = [self.group_name(g) for g, p in rows if p.verdict == "n/a"]
+                if na:
+                    parts.append(f"{len(na)} n/a, fewer than 2 paired seeds ({', '.join(na)})")
+                sentences.append(f"Against `{ref}`: " + ", ".join(parts) + ".")
+            stats = [(g, st) for g in self.ordered_groups(domain)
+                     if g.label != BASE_LABEL and (st := g.stats(metric)) is not None]
+            if stats:
+                best, st = (min if lower else max)(stats, key=lambda gs: gs[1][0])
+                sentences.append(f"Best mean {metric.split('/')[-1]}: `{self.group_name(best)}` "
+                                 f"({_fmt(st[0])}, n={st[2]} seed{'s' if st[2] != 1 else ''}); whether a "
+                                 f"difference is more than seed noise is what the paired verdicts say.")
+            for g, ref, p in paired:
+                if ref != "random" or g.selector != "instructdiff":
+                    continue
+                who = "InstructDiff" + (f" (`{self.group_name(g)}`)" if self.group_name(g) != "instructdiff"
+                                        else "")
+                diff = (f"mean difference {_fmt_signed(p.mean, 3)}"
+                        + (f" (95% CI {_fmt_interval(p.low, p.high, 3)})" if p.low is not None else "")
+                        + f", n={p.n} seed{'s' if p.n != 1 else ''}")
+                if p.verdict == "better":
+                    sentences.append(f"{who} beat random selection here: {diff}.")
+                elif p.verdict == "worse":
+                    sentences.append(f"{who} did not beat random selection here; it was worse: {diff}.")
+                elif p.verdict == "indistinguishable":
+                    sentences.append(f"{who} did not beat random selection here: {diff}; the interval "
+                                     "includes 0.")
+                else:
+                    sentences.append(f"{who} vs random: {diff}, too few paired seeds for an interval, so no "
+                                     "verdict.")
+            md += [" ".join(sentences), ""]
+        return md
+
     def overlap(self) -> list[tuple[tuple, list[str], list[list[float | None]], dict]]:
         """Per (domain, setting, fraction): labels, mean Jaccard matrix over shared seeds, seeds per pair."""
         by_ctx: dict[tuple, dict[str, dict[Any, set]]] = defaultdict(lambda: defaultdict(dict))
@@ -545,13 +752,30 @@ class Report:
             out.append((ctx, labels, mat, seeds))
         return out
 
+    def distinct_runs(self) -> list[Job]:
+        """The finished jobs, one per (domain, setting, fraction, selector label, seed): the first job of a
+        repeated run (a merged sweep that reran it, or ``full`` at several budget fractions: full takes the
+        whole pool whatever its fraction says, so those jobs are one run per seed) is the one counted, as in
+        the results table."""
+        seen, out = set(), []
+        for j in self.ok:
+            key = (j.domain, j.setting, j.fraction, j.label, j.seed)
+            if key not in seen:
+                seen.add(key)
+                out.append(j)
+        return out
+
     def cost_rows(self) -> list[dict[str, Any]]:
         by: dict[tuple[str, str], list[Job]] = defaultdict(list)
-        for j in self.ok:
+        for j in self.distinct_runs():
             by[(j.domain, j.label)].append(j)
+        n_jobs = defaultdict(int)
+        for j in self.ok:
+            n_jobs[(j.domain, j.label)] += 1
         rows = []
         for (domain, label), jobs in sorted(by.items(), key=lambda kv: (kv[0][0], _label_key(kv[0][1]))):
-            row: dict[str, Any] = {"domain": domain, "selector": label, "runs": len(jobs)}
+            row: dict[str, Any] = {"domain": domain, "selector": label, "runs": len(jobs),
+                                   "seeds": len({j.seed for j in jobs}), "jobs": n_jobs[(domain, label)]}
             seconds = [j.results.get("seconds") or {} for j in jobs]
             for st in STAGE_ORDER:
                 row[f"mean_s_{st}"] = sum(s.get(st, 0.0) for s in seconds) / len(jobs)
@@ -819,13 +1043,14 @@ class Report:
             for (d, s, f), labels, mat, seeds in overlap for i, a in enumerate(labels)
             for k, b in enumerate(labels)], ["domain", "setting", "fraction", "a", "b", "jaccard", "n_seeds"])
         _write_csv(out / "cost.csv", cost, list(cost[0]) if cost else ["domain", "selector", "runs"])
+        _write_csv(out / "paired.csv", self.paired_rows(), list(PAIRED_COLUMNS))
         path = out / "report.md"
         path.write_text("\n".join(self.markdown(overlap, cost)) + "\n")
         return path
 
     def markdown(self, overlap: list, cost: list[dict]) -> list[str]:
         missing = [j for j in self.jobs if j.status != "ok"]
-        md = [f"# Sweep report: {self.root}", "",
+        md = [f"# Sweep report: {self.root}", "", *self.summary_markdown(),
               f"{len(self.jobs)} jobs: {len(self.ok)} ok, "
               f"{sum(j.status == 'missing/failed' for j in self.jobs)} missing/failed, "
               f"{sum(j.status == 'not started' for j in self.jobs)} not started.", ""]
@@ -864,6 +1089,7 @@ class Report:
                     row += [_fmt_ci(*st) if st else "—", _fmt_gain(gf), _fmt_gain(gr)]
                 table.append(row)
             md += [f"### {domain}", "", *_md_table(header, table), ""]
+        md += self.paired_markdown()
         md += ["## Missing runs", ""]
         if missing:
             md += _md_table(["job", "status", "selector", "fraction", "seed", "reason"],
@@ -872,8 +1098,8 @@ class Report:
         else:
             md.append("None: every job of the sweep wrote results.json.")
         md += ["", "## Selection overlap", "",
-               "Jaccard |A∩B| / |A∪B| of the selected id sets, same domain, setting, fraction and seed (the "
-               "pool depends on the seed), mean over the seeds both selectors ran.", ""]
+               "Jaccard |A∩B| / |A∪B| of the selected id sets, same domain, setting, fraction and seed, "
+               "mean over the seeds both selectors ran.", ""]
         if not overlap:
             md.append("Fewer than two selectors at any (domain, fraction): nothing to compare.")
         for (domain, setting, frac), labels, mat, _ in overlap:
@@ -882,7 +1108,9 @@ class Report:
             md.append("")
         md += ["## Cost", "",
                "Mean wall time per stage per run (s, results.json `seconds`), scoring passes actually run, "
-               "trainings actually run, cache hits and misses (summed over runs). Work another job had "
+               "trainings actually run, cache hits and misses (summed over runs). A run is one (selector, "
+               "fraction, setting, seed): jobs that repeat one (`full` at several fractions, a rerun sweep) "
+               "count once, the first of them. Work another job had "
                "already cached costs ~0 here, so the first job of a shared computation carries its cost.", "",
                "Estimated FLOPs, mean per run (results.json `cost`; forward 2·P·T, SFT 6·P·T·epochs, P = "
                "parameters without the input embedding table, T = tokens; instructdiff/cost.py): **selection** "
@@ -890,10 +1118,12 @@ class Report:
                "*selection (this run)* = the part not served from a cache, then the final training and the "
                "evaluation of base and trained model. Model-free selectors (random, full, length) cost 0.", ""]
         if cost:
-            md += _md_table(["domain", "selector", "runs", *STAGE_ORDER, "total", "score passes", "score s",
+            md += _md_table(["domain", "selector", "runs", "seeds", *STAGE_ORDER, "total", "score passes", "score s",
                              "trainings", "cache hits", "cache misses", "selection FLOPs",
                              "selection FLOPs (this run)", "train FLOPs", "eval FLOPs"],
-                            [[r["domain"], r["selector"], r["runs"],
+                            [[r["domain"], r["selector"],
+                              f"{r['runs']}" + (f" ({r['jobs']} jobs)" if r["jobs"] != r["runs"] else ""),
+                              r["seeds"],
                               *(f"{r[f'mean_s_{s}']:.1f}" for s in STAGE_ORDER),
                               f"{r['mean_s_total']:.1f}", r["score_passes"], f"{r['score_s']:.1f}",
                               r["trainings_computed"], r["cache_hits"], r["cache_misses"],
@@ -923,11 +1153,45 @@ def build_report(multirun_dir: Path | str, out: Path | str | None = None) -> Rep
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="instructdiff-report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("multirun_dir", type=Path, help="a Hydra multirun directory (or a folder of several)")
+    ap = argparse.ArgumentParser(
+        prog="instructdiff-report", description=__doc__.split("\n\n")[0],
+        epilog="instructdiff-report --verify JOB_DIR [--verify-out DIR] [--cache-dir DIR] [--tol X]: rerun one "
+               "finished job from its recorded config; exit 0 when its selection is identical and its trained "
+               "metrics are within the tolerance, 1 when not (instructdiff/verify.py).")
+    ap.add_argument("multirun_dir", type=Path, nargs="?",
+                    help="a Hydra multirun directory (or a folder of several)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where to write the report (default: multirun_dir)")
+    vg = ap.add_argument_group("reproducibility check (--verify)")
+    vg.add_argument("--verify", type=Path, metavar="JOB_DIR", default=None,
+                    help="rerun this finished job (a directory with .hydra/ and results.json) and compare")
+    vg.add_argument("--verify-out", type=Path, default=None, metavar="DIR",
+                    help="empty directory for the rerun and verify.json (default: a new temp dir)")
+    vg.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                    help="paths.cache_dir of the rerun, e.g. an existing cache to reuse the converted base "
+                         "model (default: a fresh empty cache, deleted afterwards)")
+    vg.add_argument("--keep-cache", action="store_true", help="keep the fresh cache (in the output dir)")
+    vg.add_argument("--tol", type=float, default=None,
+                    help="absolute tolerance on each trained metric (default: 1e-3)")
+    vg.add_argument("--metric", action="append", default=None,
+                    help="compare only this trained metric (repeatable; default: all of them)")
+    vg.add_argument("--from-config", action="store_true",
+                    help="rerun the recorded .hydra/config.yaml instead of conf/ + .hydra/overrides.yaml")
     args = ap.parse_args(argv)
+    if args.verify is not None:
+        from instructdiff.verify import DEFAULT_TOL, main_verify
+
+        if args.multirun_dir is not None:
+            ap.error("--verify takes one job directory; leave out the multirun directory")
+        if not args.verify.is_dir():
+            ap.error(f"--verify {args.verify} is not a directory")
+        tol = DEFAULT_TOL if args.tol is None else args.tol
+        if not (tol >= 0 and math.isfinite(tol)):
+            ap.error(f"--tol must be a finite number >= 0, got {args.tol}")
+        return main_verify(args.verify, args.verify_out, args.cache_dir, tol, args.metric, args.from_config,
+                           args.keep_cache)
+    if args.multirun_dir is None:
+        ap.error("give a multirun directory (or --verify JOB_DIR)")
     if not args.multirun_dir.is_dir():
         ap.error(f"{args.multirun_dir} is not a directory")
     rep = Report(args.multirun_dir)
