@@ -1,10 +1,10 @@
 """Complexity-aware fine-tuning (Goncharov et al., arXiv 2506.21220; code LabARSS/complexity-aware-fine-tuning):
-METHODS §6, the entropy split used as a selector.
+docs/methods.md §6, the entropy split used as a selector.
 
 1. ``h`` = entropy (nats, full vocabulary) of the selector model's distribution over the FIRST response token:
    raw logits at the last prompt position of a plain forward pass (the ScoreStore's ``first_token_entropy``;
    the reference reads ``generate(...).scores``, which are logits after the generation config's processors —
-   METHODS §6.4 — so the raw forward pass is used instead).
+   docs/methods.md §6.4 — so the raw forward pass is used instead).
 2. ``norm = h / max(h)`` over the valid pool (rows with a non-finite ``h`` are dropped first,
    ``non_finite_score``).
 3. Pool quartiles ``Q25``, ``Q75`` of ``norm`` (linear interpolation, as pandas/numpy ``quantile``):

@@ -1,10 +1,10 @@
-"""GradFiltering / G-SNR (arXiv 2601.13697, Yuan et al.) — **reconstructed**, METHODS §5.
+"""GradFiltering / G-SNR (arXiv 2601.13697, Yuan et al.) — **reconstructed**, docs/methods.md §5.
 
 Public (abstract + third-party summaries): a frozen GPT-2 proxy with an ensemble of M LoRA adapters trained on
 the pool with different seeds / data orders; per-example gradient norms w.r.t. each member's LoRA parameters
 at an early epoch e1 and a late epoch e2; score = normalised gradient drop (early → late) divided by the
 late-stage gradient variance across the ensemble; keep the top 5/10/15%. No code is published, so the exact
-formula's ε, var-vs-std, M, e1/e2, the LoRA config and the optimiser are the reconstruction of METHODS §5.2
+formula's ε, var-vs-std, M, e1/e2, the LoRA config and the optimiser are the reconstruction of docs/methods.md §5.2
 **[recon]**, all options here:
 
     n_i^(m,e) = ||∇_{LoRA^(m)} L(x_i)||_2          (signal ``lora_grad_norms``, (N, M, 2): e ∈ {e1, e2})

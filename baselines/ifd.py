@@ -1,4 +1,4 @@
-"""IFD / Cherry LLM (Li et al., NAACL'24, arXiv 2308.12032; code tianyi-lab/Cherry_LLM), METHODS §2.
+"""IFD / Cherry LLM (Li et al., NAACL'24, arXiv 2308.12032; code tianyi-lab/Cherry_LLM), docs/methods.md §2.
 
     s(A|Q) = mean response-token NLL after the instruction      (ctx.score(ref, …, "conditioned") nll)
     s(A)   = mean NLL of the same response tokens, "direct"     (ctx.score(ref, …, "unconditioned") nll)
@@ -20,7 +20,7 @@ Budget: the common rule over the whole pool (``select_from_ifd_json.py``: ``int(
 ``data_by_IFD.py`` does (``int(n_remaining·sample_rate)``; why its 5% run passes sample_rate 0.06). The
 selection keeps the IFD rank order (Cherry re-sorts the chosen rows by dataset index; training shuffles anyway).
 
-Pre-experienced model (``pre_experienced: true``, METHODS §2.2, "learning from brief experience"): embed each
+Pre-experienced model (``pre_experienced: true``, docs/methods.md §2.2, "learning from brief experience"): embed each
 prompt-formatted instruction alone with the target model (``embedding`` signal, text=prompt: mean last
 hidden state, and the prompt's own mean NLL = log PPL from the same forward pass; ``embed_text: instruction``
 embeds the bare instruction without the template, Cherry's "wiz" mode), K-means (sklearn,

@@ -1,4 +1,4 @@
-"""Response length: the longest (or shortest) responses fill the budget. METHODS §1.6 / §7.
+"""Response length: the longest (or shortest) responses fill the budget. docs/methods.md §1.6 / §7.
 
 Xia et al. 2024 ("Rethinking data selection for supervised fine-tuning": the longest responses are a strong,
 cheap baseline) and InstructDiff's Resp-LenMax. Length = the number of response (completion) tokens of a row

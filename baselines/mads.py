@@ -1,8 +1,8 @@
-"""MADS: Model-Aware Diverse core-set Selection (arXiv 2605.30857, Bai et al.) — **reconstructed**, METHODS §4.
+"""MADS: Model-Aware Diverse core-set Selection (arXiv 2605.30857, Bai et al.) — **reconstructed**, docs/methods.md §4.
 
 Public (abstract + introduction only): the features are a small selector model's neuron activation states,
 selection is coverage-based for diversity, the core set is 15% of the pool. No code, no method section, no
-hyperparameters. Everything else below is the reconstruction of METHODS §4.2 **[recon]**, each guess an option:
+hyperparameters. Everything else below is the reconstruction of docs/methods.md §4.2 **[recon]**, each guess an option:
 
 1. Activation tags (signal ``activations``): each sample is forwarded through the selector model; per decoder
    layer l the MLP intermediate activation a_{l,j}(t) (SwiGLU act(gate)·up) is aggregated over the sample's

@@ -1,4 +1,4 @@
-"""Random: a uniform sample without replacement of the budget, seeded (METHODS §7)."""
+"""Random: a uniform sample without replacement of the budget, seeded (docs/methods.md §7)."""
 
 from __future__ import annotations
 

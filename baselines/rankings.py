@@ -1,7 +1,7 @@
-"""PPL{Min,Mid,Max} and Entropy{Min,Mid,Max}: InstructDiff's own simple baselines (METHODS §1.6).
+"""PPL{Min,Mid,Max} and Entropy{Min,Mid,Max}: InstructDiff's own simple baselines (docs/methods.md §1.6).
 
 Rank every pool row by one response statistic of the selector model (the base model unless
-``selector.model`` is set), as scored by the ScoreStore (METHODS §0, response tokens only, chat template):
+``selector.model`` is set), as scored by the ScoreStore (docs/methods.md §0, response tokens only, chat template):
 
 - ``ppl``:     mean response NLL ``L = -(1/T) Σ_t log p_t(y_t)``; PPL = exp(L) has the same order, so the
                ranking uses L and both are recorded in the scores;

@@ -1,4 +1,4 @@
-"""SelectIT (Liu et al., NeurIPS'24, arXiv 2402.16705; code Blue-Raincoat/SelectIT), METHODS §7.
+"""SelectIT (Liu et al., NeurIPS'24, arXiv 2402.16705; code Blue-Raincoat/SelectIT), docs/methods.md §7.
 
 The selector model rates each row with K rating prompts (``rating_probs`` signal: one forward per prompt, the
 softmax probabilities P_1..P_5 of the tokens "1".."5" after "The answer is: "), then

@@ -1,7 +1,7 @@
 """Superfiltering and Superfiltering.D (Li et al., ACL'24, arXiv 2402.00530; code tianyi-lab/Superfiltering),
-METHODS §3.
+docs/methods.md §3.
 
-Superfiltering: IFD (METHODS §2) scored by a small proxy model (the paper: GPT-2 124M scoring for a 7B target;
+Superfiltering: IFD (docs/methods.md §2) scored by a small proxy model (the paper: GPT-2 124M scoring for a 7B target;
 here ``selector.model``), in the paper's / code's perplexity form
 
     IFD_ppl = PPL(A|Q) / PPL(A) = exp(s(A|Q)) / exp(s(A)) = exp(s(A|Q) − s(A))     (score: ppl_ratio, default)

@@ -1,4 +1,4 @@
-"""ZIP / Entropy Law (Yin et al., arXiv 2407.06645; code USTC-StarTeam/ZIP ``ZIP.py``): METHODS §7.
+"""ZIP / Entropy Law (Yin et al., arXiv 2407.06645; code USTC-StarTeam/ZIP ``ZIP.py``): docs/methods.md §7.
 
 Compression ratio of a set of samples S: ``CR(S) = len(text(S)) / len(zlib.compress(text(S), level=9))``
 (bytes). A lower CR means less redundancy, i.e. more information per byte. ``text(S)`` is the samples' texts

@@ -25,8 +25,9 @@ P, T and what is left out:
     mask's ones where one is passed, else every position); generation with a KV cache feeds one position a step.
   * The attention-context term 2·n_layer·n_ctx·d_attn per token (Kaplan Table 1) is dropped: under 10% of
     2·P for these models at ≤ 1k-token contexts. Optimiser updates, softmax and norms are not counted.
-  * Signals with other costs (``signal_cost``): the LoRA-gradient ensemble trains; SelectIT reads every row
-    once per rating prompt; the MiniLM sentence encoder is a different model and is left unestimated (listed
+  * Signals with other costs (``signal_cost``): the LoRA-gradient ensemble trains; LESS trains a LoRA warm-up,
+    then takes a gradient of every row per checkpoint and projects it; SelectIT reads every row once per rating
+    prompt; the MiniLM sentence encoder is a different model and is left unestimated (listed
     in ``not_estimated``, never guessed).
 
 A cached artifact costs nothing in this run but does not make a selector cheap: every event records its
@@ -172,6 +173,20 @@ def signal_cost(name: str, options: dict, rendered: Sequence[Any], params: Model
         flops = members * training_flops(params.forward, full, epochs + 2, p_lora)
         return {"tokens": full, "flops_uncached": flops,
                 "rule": f"{members} LoRA members × ({epochs} epochs + 2 gradient passes)"}
+    if name == "less_grads":
+        # LoRA warm-up on its seeded slice, then one per-sample gradient pass of every row (pool and queries)
+        # under each kept checkpoint, each gradient projected to d dims (a P_lora × d matmul: 2·P_lora·d)
+        from instructdiff.signals.less_grads import resolve_options, warmup_rows
+
+        o = resolve_options(options)
+        p_lora = params.lora(o["lora_r"], list(o["target_modules"] or _attention_targets(params)))
+        warm, n_ckpt = warmup_rows(rendered, o), len(o["kept_epochs"])
+        flops = (training_flops(params.forward, _all(warm), o["epochs"], p_lora)
+                 + n_ckpt * training_flops(params.forward, full, 1, p_lora)
+                 + n_ckpt * len(rendered) * 2.0 * p_lora * (o["projection_dim"] or 0))
+        return {"tokens": full, "flops_uncached": flops,
+                "rule": f"LoRA warm-up ({o['epochs']} epochs × {len(warm)} rows) + {n_ckpt} checkpoints × "
+                        f"(gradient pass + projection) of {len(rendered)} rows"}
     return {"tokens": full, "flops_uncached": forward_flops(params.forward, full),
             "rule": "forward over prompt + response"}
 

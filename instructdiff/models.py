@@ -222,7 +222,7 @@ def load_tokenizer(ref: ModelRef):
                                         revision=ref.revision)
     if tok.pad_token is None:
         # Reuse EOS for padding instead of adding a token: resizing embeddings would make the base and
-        # calibrated models differ in vocabulary (METHODS §1.4 quirk 7).
+        # calibrated models differ in vocabulary (docs/methods.md §1.4 quirk 7).
         tok.pad_token = tok.eos_token
     return tok
 

@@ -243,13 +243,16 @@ class Pipeline:
         renderer and cached by their content ids; rows the renderer drops (too long) are left out, and the
         result's ``ids`` array names the rows it holds, in order."""
         from instructdiff.cost import signal_cost
-        from instructdiff.signals import SignalInputs, get_signal
+        from instructdiff.signals import SEED_DEPENDENT, SignalInputs, get_signal
 
         fn = get_signal(name)
         if name in RESPONSE_END_SIGNALS:
             # per-token response signals follow score.response_end like the means do; as an option it is
             # part of the signal's cache key
             options = {**options, "response_end": self.response_end}
+        key_options = {k: options[k] for k in sorted(options)}
+        if name in SEED_DEPENDENT:
+            key_options["_run_seed"] = self.seed
         renderer, rendered, render_fp = self.renderer_for(ref)
         signal_rows, rows_fp = self.pool, self.pool_fp
         if rows is not None:
@@ -271,8 +274,7 @@ class Pipeline:
         what = f"{name} of {ref.name}" + ("" if rows is None else f" over {len(signal_rows)} given rows")
         misses = self.store.misses
         with self.timer.stage("score"):
-            out = self.store.arrays(ref.fingerprint, rows_fp, render_fp, name,
-                                    {k: options[k] for k in sorted(options)}, compute, what)
+            out = self.store.arrays(ref.fingerprint, rows_fp, render_fp, name, key_options, compute, what)
         self._cost_event("score", what, ref, self.store.misses == misses,
                          lambda p: signal_cost(name, options, rendered, p))
         return out
@@ -358,7 +360,7 @@ class Pipeline:
                                      "flops": None if e.get("flops_uncached") is None else 0.0})
 
     def complexity_aware_rows(self, rows: list[Row]) -> tuple[list[Row], dict]:
-        """Complexity-aware training (arXiv 2506.21220, METHODS §6), offline form: easy and medium rows train
+        """Complexity-aware training (arXiv 2506.21220, docs/methods.md §6), offline form: easy and medium rows train
         on the final answer only, hard rows on the full chain of thought. Bands are the pool quartiles of the
         base model's first-answer-token entropy; ``domain.answer_marker`` splits reasoning from the answer."""
         from baselines.complexity import BANDS, complexity_bands

@@ -2,7 +2,7 @@
 
 Why prompt and completion are tokenized separately and concatenated: tokenizing ``prompt + response`` as
 one string lets BPE merge across the boundary (``":" + "\\n"``), so the first response token may or may not
-exist (METHODS §0). Concatenating ids fixes the boundary; since training uses the very same ids, the scored
+exist (docs/methods.md §0). Concatenating ids fixes the boundary; since training uses the very same ids, the scored
 text and the trained text are identical by construction.
 
 The completion is the assistant turn exactly as the chat template closes it (e.g. ``response<|im_end|>\\n``
@@ -171,7 +171,7 @@ class Renderer:
 
     def unconditioned(self, row: Row) -> Rendered:
         """The same completion ids after a prompt with an empty instruction and input: the "direct answer"
-        context of IFD / Superfiltering (METHODS §2–§3), so both scores cover identical response tokens."""
+        context of IFD / Superfiltering (docs/methods.md §2–§3), so both scores cover identical response tokens."""
         empty = Row(row.id, "", "", row.response)
         prompt, _ = self.texts(empty)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=self.template != "chat")["input_ids"]

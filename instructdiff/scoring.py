@@ -1,13 +1,13 @@
 """Response-token mean NLL and mean entropy of every pool sample under one model, cached per sample id.
 
-Math (METHODS §0): for response tokens y_1..y_T after prompt x,
+Math (docs/methods.md §0): for response tokens y_1..y_T after prompt x,
     nll     = -(1/T) Σ_t log p_t(y_t)
     entropy =  (1/T) Σ_t [-Σ_v p_t(v) log p_t(v)]      (full vocabulary)
 Logits at position i predict token i+1, so with P prompt tokens the response positions are P-1 … P+T-2.
 
 Only the response positions go through the LM head, and the head, log-sum-exp and entropy run in fp32 over
 vocabulary tiles (``head_nll_entropy``): the vocabulary projection dominates memory (T×V), and fp16/bf16
-log-softmax loses the precision that differences of entropies need (METHODS §1.4 quirk 4).
+log-softmax loses the precision that differences of entropies need (docs/methods.md §1.4 quirk 4).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from instructdiff.rows import stable_hash
 log = logging.getLogger(__name__)
 
 # first_token_entropy: entropy of the distribution over the first response token (logits at the last
-# prompt position, raw, no generation processors) — the complexity signal of METHODS §6.
+# prompt position, raw, no generation processors) — the complexity signal of docs/methods.md §6.
 RESPONSE_SIGNALS = ("nll", "entropy", "n_tokens", "first_token_entropy")
 SCORING_VERSION = 2
 DTYPES = ("fp32", "bf16", "fp16")

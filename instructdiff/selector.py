@@ -1,4 +1,4 @@
-"""InstructDiff (arXiv 2601.23006), exactly per METHODS §1.
+"""InstructDiff (arXiv 2601.23006), exactly per docs/methods.md §1.
 
 1. Warmup calibration: train the base on a random α·N slice → calibrated model (warmup rows stay in the
    pool, as in the reference code; ``exclude_warmup`` removes them).

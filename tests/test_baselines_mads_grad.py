@@ -1,4 +1,4 @@
-"""MADS (METHODS §4, reconstructed) and GradFiltering / G-SNR (METHODS §5, reconstructed), by hand.
+"""MADS (docs/methods.md §4, reconstructed) and GradFiltering / G-SNR (docs/methods.md §5, reconstructed), by hand.
 
 Pure functions on hand-made tag sets / gradient-norm arrays, the two signals on the tiny model (the activation
 hook point, padding and token masks against a per-sample manual computation; the LoRA ensemble's shape,
@@ -265,3 +265,19 @@ def test_end_to_end_selection_is_budgeted_complete_and_deterministic(make_cfg, t
         rest = [r["scores"]["gsnr"] for r in first if r["status"] == "not_selected"]
         assert [r["scores"]["gsnr"] for r in ranked] == sorted((r["scores"]["gsnr"] for r in ranked), reverse=True)
         assert min(r["scores"]["gsnr"] for r in selected) >= max(rest)
+
+
+def test_gradfiltering_seeds_train_their_own_ensembles(make_cfg, tmp_path):
+    """The pool is the same for every seed (domain.pool_seed), so the LoRA-ensemble signal must be keyed by the
+    run's seed: seed 1 may not be served seed 0's ensemble from the cache."""
+    overrides = ["selector=gradfiltering", "selector.members=2", "selector.epochs=2",
+                 "pipeline.stages=[calibrate,score,select]"]
+    first = run(make_cfg(*overrides, "seed=0", run_name="s0"))
+    second = run(make_cfg(*overrides, "seed=1", run_name="s1"))
+    assert first["cache"]["score_store"]["misses"] >= 1
+    assert second["cache"]["score_store"]["hits"] == 0 and second["cache"]["score_store"]["misses"] >= 1
+    g0 = {r["id"]: r["scores"].get("gsnr") for r in _jsonl(tmp_path / "s0" / "selection.jsonl")}
+    g1 = {r["id"]: r["scores"].get("gsnr") for r in _jsonl(tmp_path / "s1" / "selection.jsonl")}
+    assert g0.keys() == g1.keys() and any(g0[i] != g1[i] for i in g0)
+    again = run(make_cfg(*overrides, "seed=1", run_name="s1b"))
+    assert again["cache"]["misses"] == 0

@@ -1,4 +1,4 @@
-"""ZIP (METHODS §7), PPL/Entropy {Min,Mid,Max} (§1.6), response length (§1.6) and complexity bands (§6).
+"""ZIP (docs/methods.md §7), PPL/Entropy {Min,Mid,Max} (§1.6), response length (§1.6) and complexity bands (§6).
 
 Each formula on hand-made inputs whose right answer is worked out by hand (or, for ZIP, by a literal
 recompress-from-scratch implementation of the reference algorithm), then one tiny end-to-end run per selector.
@@ -63,7 +63,7 @@ def test_compressobj_copy_equals_full_compression_byte_for_byte() -> None:
 
 
 def naive_zip(texts, ids, need, k1, k2, k3):
-    """METHODS §7 literally, recompressing every candidate set from scratch (the reference's cost)."""
+    """docs/methods.md §7 literally, recompressing every candidate set from scratch (the reference's cost)."""
     cr = lambda parts: compression_ratio(b"".join(parts))  # noqa: E731
     cache = [cr([t]) for t in texts]
     final: list[int] = []

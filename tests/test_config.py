@@ -78,3 +78,20 @@ def test_default_is_instructdiff_on_embedded_model() -> None:
     assert cfg.model.name == "smollm2_135m" and cfg.model.trust_remote_code is False
     assert cfg.selector._target_.endswith("InstructDiffSelector")
     assert list(cfg.pipeline.stages) == ["calibrate", "score", "select", "train", "eval"]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "smoke_sweep", "paper_table", "warmup_ratio", "data_fraction"])
+@pytest.mark.parametrize("profile", [[], ["+profile=cpu"]])
+def test_presets_compose_and_build_every_selector(preset, profile):
+    """`instructdiff experiment=<preset> selector=X` builds selector X for every X: a preset that set a key only
+    one selector has (smoke's selector.warmup_ratio did) broke every other selector with a TypeError."""
+    from hydra.utils import instantiate
+
+    from instructdiff.selection import Selector
+
+    for name in sorted(p.stem for p in (CONF_DIR / "selector").glob("*.yaml")):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={preset}", *profile, f"selector={name}"])
+        assert isinstance(instantiate(cfg.selector, _convert_="all"), Selector), name
+        if profile:
+            assert cfg.domain.pool_size == 200 and cfg.eval.limit >= 500 and cfg.eval.loglikelihood_only

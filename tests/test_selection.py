@@ -1,4 +1,4 @@
-"""Budget rules, the Selection result type and InstructDiff's trim + lowest-ΔH rule (METHODS §1), by hand."""
+"""Budget rules, the Selection result type and InstructDiff's trim + lowest-ΔH rule (docs/methods.md §1), by hand."""
 
 from __future__ import annotations
 

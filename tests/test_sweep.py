@@ -42,7 +42,7 @@ from instructdiff.sweep import (
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # preset -> jobs its sweep runs (None: a single run)
-SWEEP_SIZES = {"smoke": None, "smoke_sweep": 16, "paper_table": 42, "warmup_ratio": 15, "data_fraction": 24,
+SWEEP_SIZES = {"smoke": None, "smoke_sweep": 16, "paper_table": 45, "warmup_ratio": 15, "data_fraction": 24,
                "iterations": 9, "weak_to_strong": 24}
 LAUNCHERS = ["basic", "joblib", "submitit_local", "submitit_slurm", *sorted(
     p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))]
@@ -94,7 +94,7 @@ def test_presets_sweep_what_the_issue_asks():
     table = params("paper_table")
     assert {s.strip() for s in table["selector"].split(",")} == {
         "instructdiff", "random", "full", "ifd", "superfiltering", "zip", "ppl", "entropy", "length",
-        "complexity", "mads", "gradfiltering", "selectit", "rds"}
+        "complexity", "mads", "gradfiltering", "selectit", "rds", "less"}
     assert table["seed"] == "0,1,2" and float(table["selector.budget.fraction"]) == 0.1
     assert params("warmup_ratio")["selector.warmup_ratio"] == "0.01,0.05,0.1,0.2,0.5"
     frac = params("data_fraction")

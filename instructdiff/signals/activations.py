@@ -1,4 +1,4 @@
-"""``activations`` signal: per-layer top-k MLP neurons of each sample (MADS activation tags, METHODS §4.2).
+"""``activations`` signal: per-layer top-k MLP neurons of each sample (MADS activation tags, docs/methods.md §4.2).
 
 For every decoder layer l the MLP's intermediate activation a_l(t) ∈ R^I is captured with a forward pre-hook
 on the MLP's output projection, whose input is exactly that intermediate: act(gate(x))·up(x) for SwiGLU
@@ -9,7 +9,7 @@ Over the chosen tokens t of a sample it is aggregated to
     A_{l,j} = max_t a_{l,j}(t)               (aggregate=max)
 
 and the k largest A_{l,·} per layer are kept (ties → lower neuron index). **[recon]**: MADS publishes no method
-text; the hook point, the aggregation and k are the reconstruction of METHODS §4.2 and are options here.
+text; the hook point, the aggregation and k are the reconstruction of docs/methods.md §4.2 and are options here.
 
 Options (all part of the cache key):
   tokens      response (default: the completion's tokens) | all (prompt + completion) | prompt (the

@@ -1,6 +1,6 @@
 """Mean-pooled last-layer hidden states of each pool row under a causal LM, and the text's own mean NLL.
 
-Used by IFD's pre-experienced sampling (METHODS §2.2: embed the prompt-formatted instruction alone, cluster,
+Used by IFD's pre-experienced sampling (docs/methods.md §2.2: embed the prompt-formatted instruction alone, cluster,
 keep mid-perplexity members) and by Superfiltering.D with ``embedding: proxy``. One forward pass gives both:
 
     embedding = (1/L) Σ_{i=1..L} h_i                    (h = last hidden state, after the final norm)

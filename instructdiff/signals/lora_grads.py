@@ -1,4 +1,4 @@
-"""``lora_grad_norms`` signal: per-example LoRA gradient norms of an ensemble, early and late (METHODS §5).
+"""``lora_grad_norms`` signal: per-example LoRA gradient norms of an ensemble, early and late (docs/methods.md §5).
 
 GradFiltering (arXiv 2601.13697) trains M independent LoRA adapters on a frozen proxy model over the whole
 pool (different seeds and data orders) and records, for every sample i, the norm of its loss gradient w.r.t.
@@ -7,7 +7,7 @@ each member's LoRA parameters at an early epoch e1 and a late epoch e2:
     n_i^(m,e) = || ∇_{Δθ^(m)} L(x_i) ||_2 ,   L = mean token cross-entropy over the response tokens of x_i.
 
 **[recon]** (no code published): M, E, e1/e2, the LoRA rank/targets, the optimiser and the learning rate are
-unknown; the defaults below are METHODS §5.2's suggestions and all of them are options (part of the cache key):
+unknown; the defaults below are docs/methods.md §5.2's suggestions and all of them are options (part of the cache key):
 
   members         M = 4 adapters; member m is seeded with SeedSequence([seed, m]) (LoRA init and data order)
   epochs          E = 3 epochs of AdamW over the pool (no schedule, no weight decay) for each member

@@ -1,4 +1,4 @@
-"""SelectIT rating probabilities (METHODS §7): P(digit) for "1".."5" after each rating prompt, one forward each.
+"""SelectIT rating probabilities (docs/methods.md §7): P(digit) for "1".."5" after each rating prompt, one forward each.
 
 For every pool row and every rating instruction r_k the model reads
 

