@@ -1,3 +1,3 @@
-from instructdiff.run import main
+from instructdiff.run import cli
 
-main()
+cli()

@@ -452,9 +452,10 @@ class Pipeline:
     def run(self) -> dict:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # before any data or model work: a typo in a selector key fails in a second
+        selector: Selector = _instantiate_selector(cfg.selector)
         self.prepare()
         rows, report, render_dropped = self.rows, self.report, self.render_dropped
-        selector: Selector = _instantiate_selector(cfg.selector)
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "domain": cfg.domain.name,
                                    "model": self.base.name, "selector": type(selector).__name__,
                                    "seed": self.seed, "pool_seed": self.pool_seed, "stages": self.stages,
@@ -590,7 +591,13 @@ def _sha256(path: str) -> str:
 
 
 def _instantiate_selector(selector_cfg: DictConfig) -> Selector:
+    from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
+
+    from instructdiff.config_check import check_selector_cfg
+
+    name = HydraConfig.get().runtime.choices.get("selector") if HydraConfig.initialized() else None
+    check_selector_cfg(selector_cfg, name)
 
     selector = instantiate(selector_cfg, _convert_="all")
     if not isinstance(selector, Selector):

@@ -18,13 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from instructdiff.config_check import ConfigKeyError
     from instructdiff.data import DataError
     from instructdiff.pipeline import StageNotEnabled, print_summary, run
 
     logging.getLogger("instructdiff").setLevel(logging.INFO)
     try:
         results = run(cfg)
-    except (DataError, StageNotEnabled) as e:
+    except (DataError, StageNotEnabled, ConfigKeyError, FileNotFoundError) as e:
         # the user's data or stage list, not a bug: the message (file:line, field, expected) without a traceback
         raise SystemExit(f"instructdiff: error: {e}") from None
     print_summary(results)
@@ -33,5 +34,17 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry: typos in selector keys fail here with the key's valid names, before Hydra composes."""
+    import sys
+
+    from instructdiff.config_check import check_argv
+
+    problem = check_argv(sys.argv[1:])
+    if problem:
+        raise SystemExit(f"instructdiff: error: {problem}")
     main()
+
+
+if __name__ == "__main__":
+    cli()

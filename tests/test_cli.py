@@ -23,3 +23,41 @@ def test_a_broken_pool_line_is_named_without_a_traceback(tmp_path: Path) -> None
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"instructdiff: error: {pool}:4: invalid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "instructdiff", "model=tiny", "logger=none",
+                           f"paths.output_root={tmp_path / 'out'}", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_budget_key_typo_names_the_right_key_with_or_without_plus(tmp_path: Path) -> None:
+    for override in ("selector.budget.fracton=0.1", "+selector.budget.fracton=0.1"):
+        proc = _cli(tmp_path, override)
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "selector.budget.fracton is not a key of selector.budget" in proc.stderr
+        assert "Did you mean selector.budget.fraction?" in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+    proc = _cli(tmp_path, "selector=random", "+selector.warmup_ratio=0.1")
+    assert proc.returncode == 1 and "selector.warmup_ratio is not a key of selector random" in proc.stderr
+
+
+def test_a_missing_pool_file_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    proc = _cli(tmp_path, "domain.pool_path=nowhere/my_pool.jsonl", "pipeline.stages=[select]")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "instructdiff: error: data file 'nowhere/my_pool.jsonl' not found; tried" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_composed_selector_keys_are_checked_before_any_work(make_cfg) -> None:
+    """`+` keys, presets and direct run(cfg) calls meet the same check, before data or models are touched."""
+    import pytest
+
+    from instructdiff.config_check import ConfigKeyError
+    from instructdiff.pipeline import run
+
+    with pytest.raises(ConfigKeyError, match=r"selector\.budget\.fracton .*Did you mean selector\.budget\.fraction"):
+        run(make_cfg("+selector.budget.fracton=0.1", "domain.pool_path=/nonexistent.jsonl"))
+    with pytest.raises(ConfigKeyError, match=r"selector\.nll_trimm .*Did you mean selector\.nll_trim"):
+        run(make_cfg("+selector.nll_trimm=0.1"))
