@@ -7,6 +7,7 @@ from instructdiff.selection import Selection, SelectionContext, Selector
 
 class FullSelector(Selector):
     name = "full"
+    uses_budget = False
 
     def select(self, ctx: SelectionContext) -> Selection:
         return Selection.build(ctx.ids, ctx.ids, {}, stats={"n_pool": len(ctx.ids)})

@@ -455,6 +455,8 @@ class Pipeline:
         # before any data or model work: a typo in a selector key fails in a second
         selector: Selector = _instantiate_selector(cfg.selector)
         self.prepare()
+        if selector.uses_budget and any(s in self.stages for s in ("calibrate", "score", "select", "train")):
+            selector.budget.check_selects_something(len(self.pool), int(sum(self.response_tokens.values())))
         rows, report, render_dropped = self.rows, self.report, self.render_dropped
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "domain": cfg.domain.name,
                                    "model": self.base.name, "selector": type(selector).__name__,
@@ -599,7 +601,16 @@ def _instantiate_selector(selector_cfg: DictConfig) -> Selector:
     name = HydraConfig.get().runtime.choices.get("selector") if HydraConfig.initialized() else None
     check_selector_cfg(selector_cfg, name)
 
-    selector = instantiate(selector_cfg, _convert_="all")
+    from hydra.errors import InstantiationException
+
+    from instructdiff.selection import BudgetError
+
+    try:
+        selector = instantiate(selector_cfg, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, BudgetError):  # the user's budget, not a bug: its own message
+            raise e.__cause__ from None
+        raise
     if not isinstance(selector, Selector):
         raise TypeError(f"selector._target_ must build an instructdiff.selection.Selector, got {type(selector)}")
     return selector

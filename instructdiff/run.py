@@ -21,11 +21,12 @@ def main(cfg: DictConfig) -> float | None:
     from instructdiff.config_check import ConfigKeyError
     from instructdiff.data import DataError
     from instructdiff.pipeline import StageNotEnabled, print_summary, run
+    from instructdiff.selection import BudgetError
 
     logging.getLogger("instructdiff").setLevel(logging.INFO)
     try:
         results = run(cfg)
-    except (DataError, StageNotEnabled, ConfigKeyError, FileNotFoundError) as e:
+    except (DataError, StageNotEnabled, ConfigKeyError, BudgetError, FileNotFoundError) as e:
         # the user's data or stage list, not a bug: the message (file:line, field, expected) without a traceback
         raise SystemExit(f"instructdiff: error: {e}") from None
     print_summary(results)

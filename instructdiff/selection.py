@@ -20,6 +20,10 @@ from instructdiff.rows import Row
 from instructdiff.scoring import ScoreTable
 
 
+class BudgetError(ValueError):
+    """A budget that cannot be met as given (not a whole number, or selecting nothing from the pool)."""
+
+
 @dataclass(frozen=True)
 class Budget:
     """How much to select. ``count`` (absolute, in ``unit``) overrides ``fraction`` (of the pool's total).
@@ -39,6 +43,9 @@ class Budget:
             raise ValueError("set budget.fraction or budget.count")
         if self.count is None and not (0.0 < float(self.fraction) <= 1.0):
             raise ValueError(f"budget.fraction must be in (0, 1], got {self.fraction}")
+        if self.count is not None and (isinstance(self.count, bool) or float(self.count) != int(float(self.count))):
+            # 2.7 silently became 2 before: a budget is a whole number of samples or tokens
+            raise BudgetError(f"selector.budget.count must be a whole number of {self.unit}, got {self.count}")
         if self.count is not None and int(self.count) < 0:
             raise ValueError(f"budget.count must be >= 0, got {self.count}")
 
@@ -48,6 +55,16 @@ class Budget:
             return cfg
         get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
         return cls(fraction=get("fraction", 0.1), count=get("count"), unit=get("unit", "samples"))
+
+    def check_selects_something(self, n_pool: int, pool_tokens: int) -> None:
+        """Raise BudgetError when this budget takes nothing from a pool of this size (checked before any
+        expensive stage, so a run never calibrates and scores only to train on an empty selection)."""
+        if self.limit(n_pool, pool_tokens) >= 1:
+            return
+        total = f"a {n_pool}-row pool" if self.unit == "samples" else f"{pool_tokens} response tokens"
+        given = f"count={self.count}" if self.count is not None else f"fraction={self.fraction}"
+        raise BudgetError(f"selector.budget selects nothing: {given} of {total} is 0 {self.unit}; raise "
+                          "selector.budget.fraction or set selector.budget.count to 1 or more")
 
     def limit(self, n_pool: int, pool_tokens: int) -> int:
         """The budget in its unit for a pool of ``n_pool`` samples holding ``pool_tokens`` response tokens."""
@@ -156,6 +173,8 @@ class Selector(ABC):
     uses_training: bool = False
     #: does it read the domain's query set (ctx.queries)? Then those rows are part of its cache key.
     uses_queries: bool = False
+    #: does its budget decide how many rows it takes? (``full`` takes the pool whatever the budget says)
+    uses_budget: bool = True
 
     def __init__(self, budget: Any = None, model: str | None = None) -> None:
         self.budget = Budget.from_cfg(budget if budget is not None else {})

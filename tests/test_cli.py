@@ -61,3 +61,24 @@ def test_composed_selector_keys_are_checked_before_any_work(make_cfg) -> None:
         run(make_cfg("+selector.budget.fracton=0.1", "domain.pool_path=/nonexistent.jsonl"))
     with pytest.raises(ConfigKeyError, match=r"selector\.nll_trimm .*Did you mean selector\.nll_trim"):
         run(make_cfg("+selector.nll_trimm=0.1"))
+
+
+def test_budgets_that_select_nothing_stop_before_any_model_work(make_cfg, tmp_path: Path) -> None:
+    import pytest
+
+    from instructdiff.pipeline import run
+    from instructdiff.selection import BudgetError
+
+    for override, given in (("selector.budget.count=0", "count=0"), ("selector.budget.fraction=1e-9", "fraction=1e-09")):
+        with pytest.raises(BudgetError, match=rf"selector.budget selects nothing: {given} of a 48-row pool"):
+            run(make_cfg(override))
+    with pytest.raises(BudgetError, match="whole number"):
+        run(make_cfg("selector.budget.count=2.7"))
+    cache = Path(make_cfg().paths.cache_dir)
+    assert not list((cache / "models").glob("trained-*")) and not (cache / "scores").exists() or \
+        not list((cache / "scores").glob("*.npz"))
+    # full ignores the budget: its run is not stopped
+    full = run(make_cfg("selector=full", "selector.budget.count=0", "pipeline.stages=[select]"))
+    assert full["selection"]["counts"]["selected"] == 48
+    proc = _cli(tmp_path, "selector.budget.count=0", "pipeline.stages=[select]")
+    assert proc.returncode == 1 and "selector.budget selects nothing" in proc.stderr and "Traceback" not in proc.stderr
