@@ -2,12 +2,14 @@
 
 It reads a file exactly as the pipeline does (``data._map_source``: same formats, same detection, same
 messages) but never stops at the first bad record. A problem is a record the pipeline would refuse or drop:
-malformed JSON or UTF-8, a missing or wrong-typed field, an empty instruction, an empty response, a duplicate
-of an earlier row. Each is printed as ``file:line: field 'x': what is wrong; expected what`` and the exit
-status is 1 when there is any (0 when the file is clean, 2 for bad usage).
+malformed JSON or UTF-8, text that is not valid Unicode (a lone ``\\ud800`` surrogate escape, in any field),
+a missing, null or wrong-typed field, an empty instruction, an empty response, a duplicate of an earlier row;
+or a whole file that is misnamed (a JSON array or gzip data named .jsonl). Each is printed as
+``file:line: field 'x': what is wrong; expected what`` and the exit status is 1 when there is any (0 when the
+file is clean, 2 for bad usage).
 
 Fields a format does not read are not problems: the mapper keeps small ones as provenance in ``meta`` and
-``subset.jsonl`` writes records back untouched. Token length depends on the model, so rows over
+``subset.jsonl`` writes records back untouched (which is why their text, too, must be valid Unicode). Token length depends on the model, so rows over
 ``domain.max_length`` are only found by a run (reason ``too_long`` in selection.jsonl).
 """
 
@@ -31,7 +33,9 @@ class Problem:
 
     def __str__(self) -> str:
         # the data layer's messages usually name the field already ("field 'x' is empty")
-        named = self.field and f"field {self.field!r}" not in self.problem
+        # (quoted as is when the path holds a backslash: a key's lone surrogate shown as \udxxx)
+        named = self.field and not any(f"field {q}" in self.problem or f"field name {q}" in self.problem
+                                       for q in (repr(self.field), f"'{self.field}'"))
         head = f"{self.where}: " + (f"field {self.field!r}: " if named else "")
         return head + self.problem + (f"; expected {self.expected}" if self.expected else "")
 

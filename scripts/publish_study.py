@@ -11,6 +11,7 @@ and `instructdiff-report --verify results/<name>/runs/<job>` reruns any job.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -64,6 +65,73 @@ def copy_jobs(sweep_root: Path, runs: Path) -> list[str]:
     return copied
 
 
+PROFILE_FEATURES = ("delta_entropy", "delta_nll", "nll_base", "response_tokens")
+
+
+def _records(job: Path) -> list[dict]:
+    return [json.loads(x) for x in (job / "selection.jsonl").read_text().splitlines() if x.strip()]
+
+
+def pick_profile(runs: Path) -> list[dict]:
+    """What each selector's picks look like under InstructDiff's signals: for every seed with an `instructdiff`
+    job, the mean ΔH, ΔNLL, base-model NLL and response tokens of each selector's selected rows (same seed,
+    same pool), measured with that seed's calibrated model. Rows the selector picked but InstructDiff dropped
+    still have their scores (InstructDiff scores every row before trimming)."""
+    jobs = []
+    for job in sorted(p for p in runs.iterdir() if (p / "selection.jsonl").exists()):
+        overrides = (job / ".hydra" / "overrides.yaml").read_text() if (job / ".hydra" / "overrides.yaml").exists() else ""
+        res = json.loads((job / "results.json").read_text())
+        sel = next((ln.split("=", 1)[1] for ln in overrides.splitlines() if ln.lstrip("- ").startswith("selector=")), "?")
+        extra = [ln.lstrip("- ") for ln in overrides.splitlines() if ln.lstrip("- ").startswith("selector.")
+                 and "budget" not in ln]
+        jobs.append({"dir": job, "selector": sel + (f" [{', '.join(extra)}]" if extra else ""), "seed": res["seed"]})
+    out = []
+    for ref in (j for j in jobs if j["selector"] == "instructdiff"):
+        scores = {r["id"]: r["scores"] for r in _records(ref["dir"])}
+        for job in (j for j in jobs if j["seed"] == ref["seed"]):
+            picked = [r["id"] for r in _records(job["dir"]) if r["status"] == "selected"]
+            row = {"selector": job["selector"], "seed": job["seed"], "n": len(picked)}
+            for f in PROFILE_FEATURES:
+                vals = [scores[i][f] for i in picked if i in scores and scores[i].get(f) is not None]
+                row[f] = sum(vals) / len(vals) if vals else None
+            out.append(row)
+        row = {"selector": "(whole pool)", "seed": ref["seed"], "n": len(scores)}
+        for f in PROFILE_FEATURES:
+            vals = [v[f] for v in scores.values() if v.get(f) is not None]
+            row[f] = sum(vals) / len(vals) if vals else None
+        out.append(row)
+    return out
+
+
+def write_pick_profile(rows: list[dict], dest: Path) -> None:
+    if not rows:
+        return
+    by_sel: dict[str, list[dict]] = {}
+    for r in rows:
+        by_sel.setdefault(r["selector"], []).append(r)
+    lines = ["# What each selector picked, seen through InstructDiff's signals", "",
+             "Mean over the selected rows of each seed, then over seeds (seeds that have an `instructdiff` job; its",
+             "calibrated model of that seed measures every selector's picks). ΔH = H_base − H_calibrated and",
+             "ΔNLL = NLL_base − NLL_calibrated (mean per response token, nats); InstructDiff trims both ΔNLL tails",
+             "and takes the lowest ΔH. `response_tokens` = scored response tokens.", "",
+             "| selector | seeds | rows per seed | ΔH | ΔNLL | base NLL | response tokens |", "|---|---|---|---|---|---|---|"]
+    order = sorted(by_sel, key=lambda s: (s.startswith("("), s))
+    for sel in order:
+        rs = by_sel[sel]
+
+        def mean(f: str, rs=rs) -> str:
+            vals = [r[f] for r in rs if r[f] is not None]
+            return f"{sum(vals) / len(vals):.4f}" if vals else "—"
+
+        lines.append(f"| {sel} | {len(rs)} | {sum(r['n'] for r in rs) / len(rs):.0f} | {mean('delta_entropy')} | "
+                     f"{mean('delta_nll')} | {mean('nll_base')} | {mean('response_tokens')} |")
+    (dest / "picks.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(dest / "picks.csv", "w", encoding="utf-8") as fh:
+        fh.write("selector,seed,n," + ",".join(PROFILE_FEATURES) + "\n")
+        for r in rows:
+            fh.write(",".join(str(r[k]) for k in ("selector", "seed", "n", *PROFILE_FEATURES)) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_root", type=Path, help="the folder holding the study's multirun dir(s)")
@@ -81,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no finished job (results.json) under {args.sweep_root}")
     # the report is built from the copied records, so the committed folder regenerates it by itself
     build_report(runs, args.dest)
+    write_pick_profile(pick_profile(runs), args.dest)
     heavy = [p for p in args.dest.glob("*.png") if p.stat().st_size > MAX_PLOT_BYTES]
     if heavy:
         raise SystemExit(f"plots over {MAX_PLOT_BYTES // 1000} KB: {[p.name for p in heavy]}")

@@ -217,6 +217,84 @@ def test_format_contract_violations(tmp_path: Path, record: dict[str, Any], fmt:
         one_row(tmp_path, record, fmt)
 
 
+@pytest.mark.parametrize("record, fmt, field, expected", [
+    ({"instruction": None, "response": "o"}, "generic", "instruction", "a non-empty string (the task)"),
+    ({"instruction": "i", "response": None}, "generic", "response", "a string (the target response)"),
+    ({"instruction": "i", "output": None}, "alpaca", "output", "a string (the target response)"),
+    ({"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": None}, "medmcqa", "cop",
+     "an integer from 0 to 3"),
+    ({"question": "q", "choices": None, "answer": 0}, "mmlu", "choices", "a non-empty list of strings"),
+    ({"question": "q", "options": None, "answer_idx": "A"}, "medqa", "options", "an object mapping letters"),
+    ({"instruction": "i", "output": "o", "history": None}, "lima", "history", "a list of [user, assistant]"),
+])
+def test_null_required_field_is_reported_as_null_not_missing(tmp_path: Path, record: dict[str, Any], fmt: str,
+                                                             field: str, expected: str) -> None:
+    with pytest.raises(DataError) as err:
+        one_row(tmp_path, record, fmt)
+    msg = str(err.value)
+    assert f"one.jsonl:1: field '{field}' is null; expected {expected}" in msg and "missing" not in msg
+    assert err.value.field == field
+
+
+def test_null_optional_fields_and_absent_fields_keep_their_behaviour(tmp_path: Path) -> None:
+    row = one_row(tmp_path, {"instruction": "i", "input": None, "response": None, "output": "o"}, "generic")
+    assert (row.input, row.response) == ("", "o")  # optional input null is "", a null response falls to its alias
+    with pytest.raises(DataError, match=r"field 'response' missing \(nor its alias 'output'\)"):
+        one_row(tmp_path, {"instruction": "i"}, "generic")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_lone_surrogate_anywhere_in_a_record_is_a_data_error(tmp_path: Path, suffix: str) -> None:
+    good = json.dumps(gen(1))
+    bad = '{"instruction": "t", "response": "r", "extra": {"deep": [1, "x\\udfff"]}}'
+    path = tmp_path / f"pool{suffix}"
+    path.write_text(good + "\n" + bad + "\n" if suffix == ".jsonl" else f"[{good}, {bad}]", encoding="ascii")
+    where = "pool.jsonl:2" if suffix == ".jsonl" else "pool.json:element 1"
+    for read in (read_records, lambda p: load_source(p, "auto")):
+        with pytest.raises(DataError) as err:
+            list(read(path))
+        assert f"{where}: field 'extra.deep[1]' contains a lone surrogate \\udfff" in str(err.value)
+        assert err.value.field == "extra.deep[1]"
+
+
+def test_keyed_json_with_a_lone_surrogate_in_a_key_names_it_printably(tmp_path: Path) -> None:
+    path = tmp_path / "keyed.json"
+    path.write_text('{"k\\ud800": {"instruction": "a", "response": "b"}}', encoding="ascii")
+    with pytest.raises(DataError) as err:
+        list(load_source(path))
+    assert "keyed.json:element 0 (key k\\ud800): field 'id' contains a lone surrogate" in str(err.value)
+    str(err.value).encode("utf-8")
+
+
+def test_valid_escapes_load_unchanged(tmp_path: Path) -> None:
+    # a complete escaped pair is one character; an escaped backslash before "ud800" is text; neither is an error
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"instruction": "\\ud83d\\ude00 \\\\ud800", "response": "r", "note": "\\u00e9"}\n',
+                    encoding="ascii")
+    (row,) = load_source(path)
+    assert row.instruction == "\U0001f600 \\ud800" and row.meta["note"] == "\u00e9"
+    assert row.id == content_id("\U0001f600 \\ud800", "", "r")
+
+
+def test_jsonl_file_of_arrays_keeps_per_line_errors(tmp_path: Path) -> None:
+    # only a file that is one JSON array is called misnamed; JSON Lines whose lines are arrays are bad lines
+    path = tmp_path / "arrays.jsonl"
+    path.write_text('[1, 2]\n["a"]\n' + json.dumps(gen(3)) + "\n")
+    with pytest.raises(DataError, match=r"arrays\.jsonl:1: line holds a list; expected a JSON object"):
+        list(read_records(path))
+    rows, report = load_pool(pool_cfg([path], on_bad_row="skip"), seed=0)
+    assert [r.instruction for r in rows] == ["task 3"] and report.counts() == {"bad_row": 2}
+
+
+@pytest.mark.parametrize("content", ["[\n  {\"instruction\": \"a\", \"response\": \"b\"},\n", " [{\"a\": 1}]\n"])
+def test_json_array_in_a_jsonl_file_is_one_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "arr.jsonl.gz"  # truncated or complete, plain or gzipped
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(content)
+    with pytest.raises(DataError, match=r"arr\.jsonl\.gz: file holds .*JSON array.*name it arr\.json\.gz"):
+        list(read_records(path))
+
+
 def test_unknown_format_and_undetectable_keys(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "p", "completion": "c"}])
     with pytest.raises(ValueError, match="unknown data format 'nope'"):

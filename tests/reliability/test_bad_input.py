@@ -73,8 +73,9 @@ def test_validate_cli_lists_all_problems_and_exits_nonzero(capsys) -> None:
 # ------------------------------------------------------------------------------------- loader: raise
 
 
-def _one_bad_line_file(tmp_path: Path, line_no: int) -> Path:
-    lines = (CORPUS / "mixed_bad.jsonl").read_bytes().split(b"\n")
+def _one_bad_line_file(tmp_path: Path, line_no: int, name: str = "mixed_bad.jsonl") -> Path:
+    """The corpus file's (good) first line and its line ``line_no``, so the bad one is line 2."""
+    lines = (CORPUS / name).read_bytes().split(b"\n")
     path = tmp_path / "one_bad.jsonl"
     path.write_bytes(lines[0] + b"\n" + lines[line_no - 1] + b"\n")
     return path
@@ -148,6 +149,102 @@ def test_data_on_error_in_the_run_config_wins_over_the_domain() -> None:
     assert len(rows) == EXPECTED["mixed_bad.jsonl"]["usable"] and report.counts()["bad_row"] == 13
     with pytest.raises(ValueError, match=r"data\.on_error is 'ignore'; expected raise or skip"):
         resolve_on_error(bad.domain)
+
+
+# ------------------------------------------------------------------------- text that is not Unicode
+
+
+SURROGATES = [p for p in EXPECTED["lone_surrogates.jsonl"]["problems"] if "lone surrogate" in p[2]]
+
+
+def _round_trips(path: Path) -> None:
+    """``path`` is strict UTF-8 and every JSON value in it is valid Unicode again once loaded (a lone surrogate
+    written by json.dumps as a \\udxxx escape would pass the first check and fail the second)."""
+    text = path.read_bytes().decode("utf-8")
+    docs = [json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl" else [json.loads(text)]
+    for doc in docs:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("line_no, field, words", SURROGATES, ids=[f"line{p[0]}" for p in SURROGATES])
+def test_lone_surrogate_is_a_bad_row_naming_file_line_and_field(tmp_path: Path, line_no: int, field: str,
+                                                                words: str) -> None:
+    # in the instruction, in history, in an unused extra field, nested, or in a field name: all the same rule
+    path = _one_bad_line_file(tmp_path, line_no, "lone_surrogates.jsonl")
+    with pytest.raises(DataError) as err:
+        load_pool(pool_cfg(path), seed=0, on_error="raise")
+    msg = str(err.value)
+    assert "one_bad.jsonl:2: " in msg and words in msg and "invalid Unicode" in msg
+    assert "; expected valid UTF-8 text" in msg
+    assert err.value.field == field
+    msg.encode("utf-8")  # the message itself can be printed and logged
+    rows, report = load_pool(pool_cfg(path), seed=0, on_error="skip")
+    assert len(rows) == 1 and report.counts() == {"bad_row": 1} and report.dropped[0]["field"] == field
+    json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")  # manifest.json carries the report
+
+
+def test_lone_surrogates_skip_drops_each_record_and_keeps_valid_escapes() -> None:
+    want = EXPECTED["lone_surrogates.jsonl"]
+    rows, report = load_pool(pool_cfg(CORPUS / "lone_surrogates.jsonl"), seed=0, on_error="skip")
+    assert (len(rows), report.n_read) == (want["usable"], want["records"]) and report.counts() == want["dropped"]
+    assert [int(d["source"].rsplit(":", 1)[1]) for d in report.dropped] == [p[0] for p in want["problems"]]
+    # a complete escaped pair is one character, an escaped backslash is text: both are valid and kept as is
+    pair = next(r for r in rows if r.meta["origin"].endswith(":7"))
+    assert pair.instruction == "Pair \U0001f600 and an escaped backslash \\ud800 are fine."
+
+
+def test_validate_cli_lists_lone_surrogates_and_every_later_problem() -> None:
+    exe = shutil.which("instructdiff-validate")
+    assert exe
+    want = EXPECTED["lone_surrogates.jsonl"]
+    out = subprocess.run([exe, str(CORPUS / "lone_surrogates.jsonl")], capture_output=True, timeout=120)
+    assert out.returncode == 1 and b"Traceback" not in out.stderr, out.stderr
+    text = out.stdout.decode("utf-8")  # strict: what is printed is valid UTF-8
+    lines = [x for x in text.splitlines() if "lone_surrogates.jsonl:" in x and "records," not in x]
+    assert [int(x.split("lone_surrogates.jsonl:")[1].split(":")[0]) for x in lines] == [p[0] for p in want["problems"]]
+    assert "field 'history[0][1]' contains a lone surrogate \\udc00" in text
+    assert f"{want['records']} records, {want['usable']} usable, format generic: 6 problem(s)" in text
+
+
+def test_lone_surrogates_in_a_run_stop_it_or_are_dropped_and_every_file_round_trips(make_cfg, tmp_path: Path) -> None:
+    pool = tmp_path / "pool.jsonl"
+    shutil.copy(CORPUS / "lone_surrogates.jsonl", pool)
+    common = [f"domain.pool_path={pool}", "domain.pool_size=null", "selector=random", "selector.budget.fraction=1.0",
+              "pipeline.stages=[select]"]
+    with pytest.raises(DataError, match=r"pool\.jsonl:2: field 'instruction' contains a lone surrogate \\ud800"):
+        run(make_cfg(*common, run_name="strict"))
+    run(make_cfg(*common, "data.on_error=skip"))
+    run_dir = tmp_path / "run"
+    written = [f for f in sorted(run_dir.rglob("*")) if f.is_file() and f.suffix in (".json", ".jsonl")]
+    assert {"selection.jsonl", "subset.jsonl", "manifest.json"} <= {f.name for f in written}
+    for f in written:
+        _round_trips(f)
+    source = (CORPUS / "lone_surrogates.jsonl").read_text().splitlines()
+    valid = [json.loads(source[n - 1]) for n in (1, 7, 9)]  # every valid record, written back untouched
+    key = lambda rec: json.dumps(rec, sort_keys=True)  # noqa: E731
+    assert sorted(_jsonl(run_dir / "subset.jsonl"), key=key) == sorted(valid, key=key)
+    sel = _jsonl(run_dir / "selection.jsonl")
+    assert len(sel) == 9 and sum(r["reason"].startswith("bad_row") for r in sel if r["status"] == "dropped") == 6
+
+
+# ------------------------------------------------------------------------------------ misnamed files
+
+
+@pytest.mark.parametrize("name, words, fixed", [
+    ("array_named.jsonl", "file holds one JSON array of 4 element(s), not JSON Lines", "array_named.json"),
+    ("gzip_named.jsonl", "file is gzip-compressed (starts with bytes 1f 8b)", "gzip_named.jsonl.gz"),
+])
+def test_misnamed_file_is_one_error_saying_what_it_holds_and_the_name_to_use(tmp_path: Path, name: str, words: str,
+                                                                            fixed: str) -> None:
+    for on_error in ("raise", "skip"):  # the whole file is unusable as named: one error, never one per line
+        with pytest.raises(DataError) as err:
+            load_pool(pool_cfg(CORPUS / name), seed=0, on_error=on_error)
+        assert words in str(err.value) and fixed in str(err.value) and err.value.where.endswith(name)
+    report = validate_file(CORPUS / name)
+    assert report.records == 0 and len(report.problems) == 2  # that message and "no usable records"
+    renamed = tmp_path / fixed  # doing what the message says makes the same bytes load
+    shutil.copy(CORPUS / name, renamed)
+    assert [r.instruction for r in load_source(renamed)] == [f"Add {i} and {i}." for i in range(1, 5)]
 
 
 # --------------------------------------------------------------------------------------- real runs
