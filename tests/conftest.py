@@ -51,3 +51,20 @@ def make_cfg(tmp_path, tiny_model_cache):
                 f"paths.run_dir={tmp_path / run_name}", *overrides])
 
     return _make
+
+
+@pytest.fixture
+def tiny_inputs(tiny_model_cache):
+    """SignalInputs of the tiny model over six short rows r0..r5 (the signal tests' shared input)."""
+    import torch
+
+    from instructdiff.models import load_model, load_tokenizer, resolve_model
+    from instructdiff.render import Renderer
+    from instructdiff.rows import Row
+    from instructdiff.signals import SignalInputs
+
+    ref = resolve_model(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"), tiny_model_cache)
+    model, tok = load_model(ref, device="cpu"), load_tokenizer(ref)
+    renderer = Renderer(tok)
+    rows = [Row(f"r{k}", f"What is {k} plus {3 * k}?", "", f"It is {4 * k}." * (1 + k % 3)) for k in range(6)]
+    return SignalInputs(model, tok, renderer, rows, [renderer(r) for r in rows], torch.device("cpu"), 0)

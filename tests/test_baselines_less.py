@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from baselines.less import LESSSelector, checkpoint_weights, less_scores, less_select
-from instructdiff import CONF_DIR
 from instructdiff.cost import ModelParams, signal_cost
 from instructdiff.data import load_source
 from instructdiff.pipeline import Pipeline
@@ -129,19 +127,6 @@ def test_linear_schedule_and_epoch_learning_rates_by_hand():
 
 
 # ============================================================================== the signal on the tiny model
-@pytest.fixture
-def tiny_inputs(tiny_model_cache):
-    from instructdiff.models import load_model, load_tokenizer, resolve_model
-    from instructdiff.render import Renderer
-    from instructdiff.signals import SignalInputs
-
-    ref = resolve_model(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"), tiny_model_cache)
-    model, tok = load_model(ref, device="cpu"), load_tokenizer(ref)
-    renderer = Renderer(tok)
-    rows = [Row(f"r{k}", f"What is {k} plus {3 * k}?", "", f"It is {4 * k}." * (1 + k % 3)) for k in range(6)]
-    return SignalInputs(model, tok, renderer, rows, [renderer(r) for r in rows], torch.device("cpu"), 0)
-
-
 # 3 warm-up rows of the 4 non-query rows, batch 1: 3 steps/epoch, T = 6, lr·[0, 1, .8, .6, .4, .2] → η = .6, .4
 TINY = {"query_ids": ["r4", "r5"], "epochs": 2, "warmup_min_rows": 3, "learning_rate": 1e-2,
         "projection_dim": None}

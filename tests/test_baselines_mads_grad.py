@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from baselines.gradfiltering import gradfiltering_select, gsnr
 from baselines.mads import activation_tags, mads_select
-from instructdiff import CONF_DIR
 from instructdiff.pipeline import run
-from instructdiff.rows import Row
 from instructdiff.selection import Budget
 
 
@@ -163,19 +160,6 @@ def test_gradfiltering_ranks_by_gsnr_and_drops_non_finite(denominator, order):
 
 
 # ---------------------------------------------------------------------------------------------------- signals
-@pytest.fixture
-def tiny_inputs(tiny_model_cache):
-    from instructdiff.models import load_model, load_tokenizer, resolve_model
-    from instructdiff.render import Renderer
-    from instructdiff.signals import SignalInputs
-
-    ref = resolve_model(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"), tiny_model_cache)
-    model, tok = load_model(ref, device="cpu"), load_tokenizer(ref)
-    renderer = Renderer(tok)
-    rows = [Row(f"r{k}", f"What is {k} plus {3 * k}?", "", f"It is {4 * k}." * (1 + k % 3)) for k in range(6)]
-    return SignalInputs(model, tok, renderer, rows, [renderer(r) for r in rows], torch.device("cpu"), 0)
-
-
 def manual_topk(inputs, r, layer, tokens, aggregate, k):
     """act(gate)·up of one unpadded sample, computed from the MLP's input, aggregated and ranked."""
     seen = {}
