@@ -147,8 +147,7 @@ class LESSSelector(Selector):
         self.signal_options = options
 
     def select(self, ctx: SelectionContext) -> Selection:
-        if ctx.signal is None or ctx.queries is None:
-            raise ValueError("less needs the pipeline's signal and query handles (ctx.signal, ctx.queries)")
+        ctx.require("less", "signal", "queries")
         ids = ctx.ids
         ref = ctx.selector_model or ctx.base
         queries = ctx.queries(self.n_queries)

@@ -76,8 +76,7 @@ class RDSSelector(Selector):
         self.n_queries = None if n_queries is None else int(n_queries)
 
     def select(self, ctx: SelectionContext) -> Selection:
-        if ctx.signal is None or ctx.queries is None:
-            raise ValueError("rds needs the pipeline's signal and query handles (ctx.signal, ctx.queries)")
+        ctx.require("rds", "signal", "queries")
         ids = ctx.ids
         ref = ctx.selector_model or ctx.base
         queries = ctx.queries(self.n_queries)

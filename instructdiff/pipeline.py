@@ -114,6 +114,7 @@ class Pipeline:
                            "max_length": cfg.domain.get("max_length")}
         self.trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         self._renderers: dict[str, tuple] = {}
+        self._selector_refs: dict[str, ModelRef] = {}
         from instructdiff.render import RESPONSE_END_CHOICES
 
         self.response_end = str(cfg.score.get("response_end", "exclude"))
@@ -282,12 +283,17 @@ class Pipeline:
     def resolve_selector_model(self, selector: Selector) -> ModelRef:
         if not selector.model:
             return self.base
+        if selector.model not in self._selector_refs:  # asked for by the results and by the selection
+            self._selector_refs[selector.model] = self._resolve_named_model(selector.model)
+        return self._selector_refs[selector.model]
+
+    def _resolve_named_model(self, name: str) -> ModelRef:
         from instructdiff import CONF_DIR
 
-        path = CONF_DIR / "model" / f"{selector.model}.yaml"
+        path = CONF_DIR / "model" / f"{name}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-            raise ValueError(f"selector.model={selector.model!r} is not a model config; known: {known}")
+            raise ValueError(f"selector.model={name!r} is not a model config; known: {known}")
         return resolve_model(OmegaConf.load(path), self.cache)
 
     # -- select --------------------------------------------------------------------------------------

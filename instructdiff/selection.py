@@ -154,6 +154,13 @@ class SelectionContext:
     def ids(self) -> list[str]:
         return [r.id for r in self.pool]
 
+    def require(self, selector: str, *handles: str) -> None:
+        """Raise unless the pipeline gave this context the named handles (``signal``, ``queries``, ...)."""
+        missing = [h for h in handles if getattr(self, h) is None]
+        if missing:
+            raise ValueError(f"{selector} needs the pipeline's {' and '.join(missing)} handle(s) "
+                             f"({', '.join('ctx.' + h for h in missing)})")
+
     @property
     def pool_tokens(self) -> int:
         return int(sum(self.response_tokens.values()))

@@ -68,3 +68,15 @@ def tiny_inputs(tiny_model_cache):
     renderer = Renderer(tok)
     rows = [Row(f"r{k}", f"What is {k} plus {3 * k}?", "", f"It is {4 * k}." * (1 + k % 3)) for k in range(6)]
     return SignalInputs(model, tok, renderer, rows, [renderer(r) for r in rows], torch.device("cpu"), 0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The test machine has 2 shared cores: two OpenMP threads contending with other jobs make the tiny model's
+    millisecond-sized ops ~40x slower. One thread keeps these tests in seconds; restored afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -33,14 +33,7 @@ from instructdiff.signals.less_grads import (
     warmup_rows,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one OpenMP thread keeps the tiny model's millisecond ops from contending (see mads_grad)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ================================================================================================ projection

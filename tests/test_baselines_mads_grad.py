@@ -20,15 +20,7 @@ from baselines.mads import activation_tags, mads_select
 from instructdiff.pipeline import run
 from instructdiff.selection import Budget
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine has 2 shared cores: two OpenMP threads contending with other jobs make the tiny model's
-    # millisecond-sized ops ~40x slower. One thread keeps these tests in seconds; restored afterwards.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------ MADS greedy
