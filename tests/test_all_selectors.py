@@ -3,14 +3,50 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from instructdiff import CONF_DIR
 
 SELECTORS = sorted(p.stem for p in (CONF_DIR / "selector").glob("*.yaml"))
+# Which rows every selector picks on the tiny model, recorded before the architecture refactor (issue 13) so
+# that moving code around cannot change a selection unnoticed. Regenerate only for an intended change of a
+# method: INSTRUCTDIFF_WRITE_GOLDEN=1 pytest tests/test_all_selectors.py, and say why in the commit.
+GOLDEN = Path(__file__).parent / "golden" / "tiny_selections.json"
+PINNED = ("id", "status", "reason", "rank")
+
+
+def _pinned(rows: list[dict]) -> list[dict]:
+    return [{**{k: r.get(k) for k in PINNED}, "scores": r.get("scores") or {}} for r in rows]
+
+
+def _same_score(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+
+
+def _diff_to_golden(selector: str, got: list[dict], want: list[dict]) -> list[str]:
+    problems = []
+    if [r["id"] for r in got] != [r["id"] for r in want]:
+        return [f"{selector}: row ids or their order differ"]
+    for g, w in zip(got, want):
+        for k in PINNED:
+            if g[k] != w[k]:
+                problems.append(f"{selector} row {g['id']}: {k} {g[k]!r} != pinned {w[k]!r}")
+        if set(g["scores"]) != set(w["scores"]):
+            problems.append(f"{selector} row {g['id']}: score names {sorted(g['scores'])} != {sorted(w['scores'])}")
+        for name in set(g["scores"]) & set(w["scores"]):
+            if not _same_score(g["scores"][name], w["scores"][name]):
+                problems.append(f"{selector} row {g['id']}: {name} {g['scores'][name]} != pinned {w['scores'][name]}")
+    return problems
 
 
 @pytest.mark.slow
@@ -30,6 +66,7 @@ def test_multirun_over_every_selector(tmp_path, tiny_model_cache):
     jobs = sorted(p for p in (out / "sweep").iterdir() if p.is_dir() and (p / ".hydra").exists())
     assert len(jobs) == len(SELECTORS)
     seen = set()
+    picked: dict[str, list[dict]] = {}
     for job in jobs:
         for name in ("results.json", "selection.jsonl", "subset.jsonl", "manifest.json"):
             assert (job / name).is_file(), f"{job.name}: {name} missing"
@@ -40,6 +77,7 @@ def test_multirun_over_every_selector(tmp_path, tiny_model_cache):
         choice = (job / ".hydra" / "overrides.yaml").read_text()
         selector = next(s for s in SELECTORS if f"selector={s}\n" in choice)
         seen.add(selector)
+        picked[selector] = _pinned(rows)
         expected = 24 if selector == "full" else int(0.1 * 24)
         if selector in {"ifd", "superfiltering", "superfiltering_d", "complexity"}:
             assert 0 < n_selected <= expected, selector  # these may filter below the budget, never above
@@ -47,3 +85,10 @@ def test_multirun_over_every_selector(tmp_path, tiny_model_cache):
             assert n_selected == expected, selector
         assert results["trainings"][-1]["purpose"] == "final"
     assert seen == set(SELECTORS)
+    if os.environ.get("INSTRUCTDIFF_WRITE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(picked, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(golden) == sorted(picked), "a selector was added or removed: regenerate the golden file"
+    problems = [p for s in SELECTORS for p in _diff_to_golden(s, picked[s], golden[s])]
+    assert not problems, "selections moved away from the pinned ones:\n" + "\n".join(problems[:30])
