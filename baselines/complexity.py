@@ -21,10 +21,12 @@ does the split and the pick. Each row's band is in its scores as ``band`` (0 eas
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from instructdiff.rows import Row
 from instructdiff.selection import Budget, Selection, SelectionContext, Selector
 
 BANDS = ("easy", "medium", "hard")  # band code = index
@@ -101,7 +103,6 @@ def complexity_select(ids: list[str], h: np.ndarray, tokens: dict[str, int], bud
 class ComplexitySelector(Selector):
     """First-answer-token entropy quartile bands (see the module docstring)."""
 
-    name = "complexity"
     uses_models = True
 
     def __init__(self, budget: Any = None, model: str | None = None, bands: Any = ("hard",),
@@ -124,3 +125,37 @@ class ComplexitySelector(Selector):
                       "response_tokens": int(ctx.response_tokens[i])} for i, v in zip(ids, h, strict=True)}
         stats["selector_model"] = ctx.selector_model.name if ctx.selector_model is not None else None
         return Selection.build(ids, chosen, dropped, scores, stats)
+
+
+def complexity_aware_rows(rows: list[Row], ctx: SelectionContext, domain: Any) -> tuple[list[Row], dict[str, Any]]:
+    """Complexity-aware training (docs/methods.md §6.3), whatever the selector: easy and medium rows train on
+    the final answer only, hard rows on the full chain of thought. Bands are the pool quartiles of the base
+    model's first-answer-token entropy; ``domain.answer_marker`` splits reasoning from the answer.
+
+    The pipeline calls this for ``trainer.complexity_aware=true`` (it finds it through
+    conf/selector/complexity.yaml, so the framework names no plugin); returns the rows to train on and the counts
+    that go to results.json."""
+    marker = domain.get("answer_marker")
+    if not marker:
+        raise ValueError(f"trainer.complexity_aware needs domain.answer_marker (the string before the final "
+                         f"answer, e.g. GSM8K's '####'); domain {domain.get('name')} has none")
+    h = ctx.score(ctx.base, "base").aligned("first_token_entropy", ctx.ids)
+    finite = np.isfinite(h)
+    _, codes, q25, q75 = complexity_bands(h[finite])
+    band_of = dict(zip([i for i, ok in zip(ctx.ids, finite, strict=True) if ok], codes.tolist(), strict=True))
+    out, counts = [], {"easy": 0, "medium": 0, "hard": 0, "no_band": 0, "answer_only": 0, "no_marker": 0}
+    for r in rows:
+        band = band_of.get(r.id)
+        counts[BANDS[band] if band is not None else "no_band"] += 1
+        if band is None or BANDS[band] == "hard":
+            out.append(r)
+            continue
+        cut = r.response.rfind(marker)
+        if cut < 0:
+            counts["no_marker"] += 1  # nothing to shorten: trained on the full response, and counted
+            out.append(r)
+            continue
+        counts["answer_only"] += 1
+        out.append(replace(r, response=r.response[cut:].strip()))
+    ctx.log(f"complexity-aware training: {counts}")
+    return out, {**counts, "q25": q25, "q75": q75}

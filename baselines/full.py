@@ -6,7 +6,6 @@ from instructdiff.selection import Selection, SelectionContext, Selector
 
 
 class FullSelector(Selector):
-    name = "full"
     uses_budget = False
 
     def select(self, ctx: SelectionContext) -> Selection:

@@ -73,8 +73,8 @@ def gradfiltering_select(ids: list[str], norms: np.ndarray, tokens: dict[str, in
 
 
 class GradFilteringSelector(Selector):
-    name = "gradfiltering"
-    uses_models = False  # trains its own LoRA ensemble inside the signal; the run's trainer is not used
+    uses_models = True  # the selector model's LoRA gradients (ctx.signal)
+    # uses_training stays False: the ensemble trains inside the signal, the run's trainer is not used
 
     def __init__(self, budget: Any = None, model: str | None = None, members: int = 4, epochs: int = 3,
                  early_epoch: int = 1, late_epoch: int | None = None, lora_r: int = 8, lora_alpha: int = 16,

@@ -118,7 +118,6 @@ def middle_ppl_sample(labels: np.ndarray, ppl: np.ndarray, n: int, low_pct: floa
 
 
 class IFDSelector(Selector):
-    name = "ifd"
     uses_models = True
 
     def __init__(self, budget: Any = None, model: str | None = None, keep_equal_one: bool = True,

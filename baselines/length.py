@@ -25,7 +25,6 @@ def length_order(ids: list[str], tokens: dict[str, int], order: str = "longest")
 
 
 class LengthSelector(Selector):
-    name = "length"
 
     def __init__(self, budget: Any = None, order: str = "longest") -> None:
         super().__init__(budget)

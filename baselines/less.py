@@ -111,7 +111,6 @@ def less_select(ids: list[str], pool: np.ndarray, queries: np.ndarray, lr: np.nd
 
 
 class LESSSelector(Selector):
-    name = "less"
     uses_models = True    # the selector model's LoRA gradients rank the pool
     uses_queries = True   # matched against domain.query
     # uses_training stays False: the warm-up is the signal's own LoRA run, the run's trainer is not used

@@ -160,8 +160,7 @@ def mads_select(ids: list[str], tag_sets: list[np.ndarray], tokens: dict[str, in
 
 
 class MADSSelector(Selector):
-    name = "mads"
-    uses_models = False  # no calibration or training: one forward pass of the selector model
+    uses_models = True  # one forward pass of the selector model (ctx.signal); no calibration or training
 
     def __init__(self, budget: Any = None, model: str | None = None, tokens: str = "response",
                  aggregate: str = "mean_relu", top_k: int = 32, layers: list[int] | None = None,

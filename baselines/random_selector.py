@@ -6,7 +6,6 @@ from instructdiff.selection import Selection, SelectionContext, Selector
 
 
 class RandomSelector(Selector):
-    name = "random"
 
     def select(self, ctx: SelectionContext) -> Selection:
         ids = ctx.ids

@@ -94,7 +94,6 @@ class _RankingSelector(Selector):
 class PPLSelector(_RankingSelector):
     """PPL{Min,Mid,Max}: rank by response mean NLL (= log PPL) of the selector model."""
 
-    name = "ppl"
     signal = "nll"
 
     def extra_scores(self, value: float) -> dict[str, float]:
@@ -105,5 +104,4 @@ class PPLSelector(_RankingSelector):
 class EntropySelector(_RankingSelector):
     """Entropy{Min,Mid,Max}: rank by response mean token entropy of the selector model."""
 
-    name = "entropy"
     signal = "entropy"

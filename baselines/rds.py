@@ -59,7 +59,6 @@ def rds_scores(pool: np.ndarray, queries: np.ndarray, aggregate: str = "max") ->
 
 
 class RDSSelector(Selector):
-    name = "rds"
     uses_models = True
     uses_queries = True
 

@@ -65,7 +65,6 @@ def selectit_scores(probs: np.ndarray, alpha: float = 0.2, code_softmax: bool = 
 
 
 class SelectITSelector(Selector):
-    name = "selectit"
     uses_models = True
 
     def __init__(self, budget: Any = None, model: str | None = None, prompts: list[str] | None = None,

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from baselines.ifd import SCORES, ifd_rank, ifd_values
 from instructdiff.selection import Budget, Selection, SelectionContext, Selector
+from instructdiff_baselines.ifd import SCORES, ifd_rank, ifd_values
 
 EMBEDDINGS = ("minilm", "proxy")
 SIMILARITIES = ("cosine", "euclidean")
@@ -105,7 +105,6 @@ def facility_location_select(ids: list[str], sim: np.ndarray, tokens: dict[str, 
 
 
 class SuperfilteringSelector(Selector):
-    name = "superfiltering"
     uses_models = True
 
     def __init__(self, budget: Any = None, model: str | None = None, score: str = "ppl_ratio") -> None:
@@ -143,7 +142,6 @@ class SuperfilteringSelector(Selector):
 
 
 class SuperfilteringDSelector(SuperfilteringSelector):
-    name = "superfiltering_d"
 
     def __init__(self, budget: Any = None, model: str | None = None, score: str = "ppl_ratio",
                  candidate_factor: float = 10.0, embedding: str = "minilm", similarity: str = "cosine") -> None:

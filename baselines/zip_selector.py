@@ -149,7 +149,6 @@ def zip_order(texts: list[bytes], ids: list[str], weights: np.ndarray, need: flo
 class ZipSelector(Selector):
     """ZIP greedy compression-ratio selection (see the module docstring); model-free."""
 
-    name = "zip"
 
     def __init__(self, budget: Any = None, k1: int = 10000, k2: int = 200, k3: int = 100) -> None:
         super().__init__(budget)

@@ -12,3 +12,9 @@ __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 DATA_DIR = PROJECT_ROOT / "data"
+
+# conf/domain/custom.yaml names the run after its pool file, and Hydra resolves the run directory from
+# domain.name before any of our code runs: the resolver must exist as soon as the package is imported.
+from instructdiff.resolvers import register as _register_resolvers  # noqa: E402
+
+_register_resolvers()

@@ -59,8 +59,17 @@ def ensure_dir(path: str | Path, what: str = "output directory") -> Path:
     except OSError as e:
         raise explain(path, e, what) from e
     if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {what} at {path}: permission denied")
+        code = errno.EROFS if _read_only_filesystem(path) else errno.EACCES
+        cause = OSError(code, os.strerror(code), str(path))
+        raise OutputError(f"cannot write {what} at {path}: {_cause(path, cause)}") from cause
     return path
+
+
+def _read_only_filesystem(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): say "permission denied"
+        return False
 
 
 @contextmanager

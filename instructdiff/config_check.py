@@ -32,12 +32,29 @@ def _message(full_key: str, valid: Iterable[str], where: str) -> str:
     return f"{full_key} is not a key of {where}; valid keys: {', '.join(valid)}.{hint}"
 
 
+def _selector_class(target: str) -> type:
+    """The class ``selector._target_`` names, or ConfigKeyError in one line. Hand-written rather than
+    hydra.utils.get_class, which logs a multi-line error of its own before raising."""
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError) as e:
+        cause = f"{type(e).__name__}: {e}"
+    else:
+        if isinstance(cls, type):
+            return cls
+        cause = "no module path" if not module else f"{name} is not a class"
+    choices = ", ".join(sorted(p.stem for p in (CONF_DIR / "selector").glob("*.yaml")))
+    raise ConfigKeyError(f"selector._target_ = {target!r} cannot be imported ({cause}); choose a selector by "
+                         f"name (selector=<{choices}>) or give an importable module.Class path")
+
+
 def selector_keys(target: str) -> set[str] | None:
     """The keys a selector YAML may hold: ``_target_`` and its constructor's parameters, through the base
     classes it passes keywords on to (None: the selector takes any ``**kwargs``)."""
-    from hydra.utils import get_class
-
-    cls = get_class(target)
+    cls = _selector_class(target)
     params: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")

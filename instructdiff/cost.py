@@ -25,10 +25,10 @@ P, T and what is left out:
     mask's ones where one is passed, else every position); generation with a KV cache feeds one position a step.
   * The attention-context term 2·n_layer·n_ctx·d_attn per token (Kaplan Table 1) is dropped: under 10% of
     2·P for these models at ≤ 1k-token contexts. Optimiser updates, softmax and norms are not counted.
-  * Signals with other costs (``signal_cost``): the LoRA-gradient ensemble trains; LESS trains a LoRA warm-up,
-    then takes a gradient of every row per checkpoint and projects it; SelectIT reads every row once per rating
-    prompt; the MiniLM sentence encoder is a different model and is left unestimated (listed
-    in ``not_estimated``, never guessed).
+  * Signals (``signal_cost``): each signal module declares the passes it makes (``work``, beside the signal);
+    they are priced here. The LoRA-gradient ensemble trains; LESS trains a LoRA warm-up, then takes a gradient
+    of every row per checkpoint and projects it; SelectIT reads every row once per rating prompt; the MiniLM
+    sentence encoder is a different model and is left unestimated (listed in ``not_estimated``, never guessed).
 
 A cached artifact costs nothing in this run but does not make a selector cheap: every event records its
 from-scratch FLOPs (``flops_uncached``) and whether it was computed here (``cached``); ``flops`` counts only the
@@ -117,12 +117,14 @@ def training_flops(params: int, tokens: int, epochs: float = 1.0, lora_params: i
 
 def epochs_done(trainer_cfg: dict, stats: dict) -> float:
     """Passes over the data a training made: ``trainer.epochs``, or with ``max_steps`` > 0 the optimiser steps
-    it took × global batch / samples (one process; the last partial batch counts as full)."""
+    it took × global batch / samples (the last partial batch counts as full). The global batch is the one the
+    training recorded (``global_batch_size``: all its processes), else that of one process."""
     max_steps = int(trainer_cfg.get("max_steps", -1) or -1)
     if max_steps <= 0:
         return float(trainer_cfg.get("epochs", 1))
     n = max(int(stats.get("n_samples", 0)), 1)
-    batch = int(trainer_cfg.get("per_device_batch_size", 1)) * int(trainer_cfg.get("gradient_accumulation_steps", 1))
+    batch = int(stats.get("global_batch_size") or int(trainer_cfg.get("per_device_batch_size", 1))
+                * int(trainer_cfg.get("gradient_accumulation_steps", 1)))
     return float(int(stats.get("steps", 0)) * batch) / n
 
 
@@ -140,63 +142,23 @@ def training_cost(params: ModelParams, trainer_cfg: dict, stats: dict) -> dict[s
 
 
 # -- signals ---------------------------------------------------------------------------------------------
-def _all(rendered) -> int:
-    return int(sum(len(r.prompt_ids) + len(r.completion_ids) for r in rendered))
-
-
-def _prompt(rendered) -> int:
-    return int(sum(len(r.prompt_ids) for r in rendered))
+#: the ScoreStore's response NLL / entropy pass (instructdiff.scoring), priced like a signal but not one
+RESPONSE_STATS = "response_stats"
 
 
 def signal_cost(name: str, options: dict, rendered: Sequence[Any], params: ModelParams) -> dict[str, Any]:
     """Estimated from-scratch FLOPs of the signal ``name`` over ``rendered`` rows with the model's ``params``:
-    {tokens, flops_uncached (None when not estimated), rule}."""
-    full = _all(rendered)
-    if name == "sentence_embedding":  # a separate encoder (all-MiniLM-L6-v2) with its own tokenizer
-        return {"tokens": None, "flops_uncached": None, "rule": "not estimated: external sentence encoder"}
-    if name == "embedding" and options.get("text", "prompt") != "full":
-        # instruction-only text is the prompt without the chat template: the prompt count bounds it from above
-        t = _prompt(rendered)
-        return {"tokens": t, "flops_uncached": forward_flops(params.forward, t), "rule": "forward over prompts"}
-    if name == "activations" and options.get("tokens", "response") == "prompt":
-        t = _prompt(rendered)
-        return {"tokens": t, "flops_uncached": forward_flops(params.forward, t), "rule": "forward over prompts"}
-    if name == "rating_probs":  # one forward of every row per rating prompt (the prompt's own words ignored)
-        k = len(options.get("prompts") or [None])
-        return {"tokens": full * k, "flops_uncached": forward_flops(params.forward, full * k),
-                "rule": f"{k} forward passes (one per rating prompt)"}
-    if name == "lora_grad_norms":
-        # each member trains `epochs` epochs, then two per-example forward+backward passes (early and late)
-        members, epochs = int(options.get("members", 4)), int(options.get("epochs", 3))
-        targets = options.get("target_modules") or _attention_targets(params)
-        p_lora = params.lora(int(options.get("lora_r", 8)), list(targets))
-        flops = members * training_flops(params.forward, full, epochs + 2, p_lora)
-        return {"tokens": full, "flops_uncached": flops,
-                "rule": f"{members} LoRA members × ({epochs} epochs + 2 gradient passes)"}
-    if name == "less_grads":
-        # LoRA warm-up on its seeded slice, then one per-sample gradient pass of every row (pool and queries)
-        # under each kept checkpoint, each gradient projected to d dims (a P_lora × d matmul: 2·P_lora·d)
-        from instructdiff.signals.less_grads import resolve_options, warmup_rows
+    {tokens, flops_uncached (None when not estimated), rule}. The passes are the ones the signal's own module
+    declares (``work`` beside its compute function, instructdiff.signals); this prices them by the rules above."""
+    from instructdiff.signals import forward_over_all, signal_work
 
-        o = resolve_options(options)
-        p_lora = params.lora(o["lora_r"], list(o["target_modules"] or _attention_targets(params)))
-        warm, n_ckpt = warmup_rows(rendered, o), len(o["kept_epochs"])
-        flops = (training_flops(params.forward, _all(warm), o["epochs"], p_lora)
-                 + n_ckpt * training_flops(params.forward, full, 1, p_lora)
-                 + n_ckpt * len(rendered) * 2.0 * p_lora * (o["projection_dim"] or 0))
-        return {"tokens": full, "flops_uncached": flops,
-                "rule": f"LoRA warm-up ({o['epochs']} epochs × {len(warm)} rows) + {n_ckpt} checkpoints × "
-                        f"(gradient pass + projection) of {len(rendered)} rows"}
-    return {"tokens": full, "flops_uncached": forward_flops(params.forward, full),
-            "rule": "forward over prompt + response"}
-
-
-def _attention_targets(params: ModelParams) -> list[str]:
-    names = {n for n, _, _ in params.linears}
-    for targets in (["q_proj", "v_proj"], ["c_attn"], ["query_key_value"], ["Wqkv"]):
-        if set(targets) <= names:
-            return targets
-    raise ValueError("no known attention projection for the LoRA-gradient cost; set target_modules")
+    work = forward_over_all(rendered) if name == RESPONSE_STATS else signal_work(name, options, rendered, params)
+    if not work.estimated:
+        return {"tokens": work.tokens, "flops_uncached": None, "rule": work.rule}
+    flops = forward_flops(params.forward, work.forward_tokens) + work.other_flops
+    for t in work.trainings:
+        flops += training_flops(params.forward, t.tokens, t.epochs, t.lora_params)
+    return {"tokens": work.tokens, "flops_uncached": flops, "rule": work.rule}
 
 
 # -- measuring evaluation -----------------------------------------------------------------------------------
@@ -282,3 +244,61 @@ def summarize(events: Sequence[dict], seconds: dict[str, float], selection_secon
         "method": "forward 2·P·T, full SFT 6·P·T·epochs, LoRA (4·P + 6·P_lora)·T·epochs; P = parameters "
                   "without the input embedding table (instructdiff/cost.py)",
     }
+
+
+# -- the run's ledger ---------------------------------------------------------------------------------------
+class CostLedger:
+    """Every model pass a run asked for, cached or not, with its estimated FLOPs; the passes made while a
+    selector runs (``during_selection``) are that selector's selection cost."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.selecting = False
+        # this run's wall time inside the selector, and the time recorded when the selection was computed
+        self.selection_seconds: float | None = None
+        self.selection_seconds_recorded: float | None = None
+
+    def record(self, stage: str, what: str, ref: Any, cached: bool, estimate: Any) -> None:
+        """One pass of the model ``ref`` (a ModelRef): ``estimate(ModelParams) -> {tokens, flops_uncached, ...}``
+        is its from-scratch cost; ``flops`` (incurred here) is 0 when it came from the cache. An estimate that
+        fails is recorded as not estimated, never guessed."""
+        import logging
+
+        event: dict[str, Any] = {"stage": stage, "what": what, "model": ref.name, "cached": bool(cached),
+                                 "selection": self.selecting}
+        try:
+            event.update(estimate(model_params(ref.path, ref.trust_remote_code, ref.revision)))
+        except Exception as e:  # e.g. a config transformers cannot build: the run goes on, the gap is shown
+            logging.getLogger("instructdiff").warning("no FLOPs estimate for %s (%s): %s", what, ref.name, e)
+            event.update({"tokens": None, "flops_uncached": None, "rule": f"not estimated: {e}"})
+        unc = event["flops_uncached"]
+        event["flops"] = None if unc is None else (0.0 if cached else unc)
+        self.events.append(event)
+
+    @contextmanager
+    def during_selection(self) -> Iterator[dict[str, Any]]:
+        """Every pass recorded in the block is selection cost. Yields the record a cached selection keeps,
+        ``{"events", "seconds"}``, filled in when the block ends."""
+        import time
+
+        record: dict[str, Any] = {}
+        start, t0 = len(self.events), time.time()
+        self.selecting = True
+        try:
+            yield record
+        finally:
+            self.selecting = False
+        self.selection_seconds = self.selection_seconds_recorded = round(time.time() - t0, 3)
+        record.update(events=self.events[start:], seconds=self.selection_seconds)
+
+    def restore_selection(self, record: dict | None) -> None:
+        """A cached selection costs nothing now; its recorded passes still tell what it costs from scratch."""
+        self.selection_seconds = 0.0
+        self.selection_seconds_recorded = (record or {}).get("seconds")
+        for e in (record or {}).get("events", []):
+            self.events.append({**e, "cached": True, "selection": True,
+                                "flops": None if e.get("flops_uncached") is None else 0.0})
+
+    def summary(self, seconds: dict[str, float]) -> dict[str, Any]:
+        """``results.json["cost"]`` (see ``summarize``)."""
+        return summarize(self.events, seconds, self.selection_seconds, self.selection_seconds_recorded)

@@ -24,6 +24,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +218,10 @@ def _write(result: dict[str, Any], path: Path) -> None:
     atomic_write_json(path, result, "eval results", sort_keys=True)
 
 
-def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "auto") -> dict[str, Any]:
-    """Run the configured tasks on ``ref``; see the module docstring for the returned dict."""
+def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "auto",
+                   publish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the configured tasks on ``ref``; see the module docstring for the returned dict. ``publish(result)``
+    writes it instead of ``work_dir/eval_results.json`` (the pipeline's eval cache records a checksum with it)."""
     settings = eval_settings(eval_cfg)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +269,10 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
     from instructdiff.faults import crash_point
 
     crash_point("eval.publish")
-    _write(result, work_dir / "eval_results.json")
+    if publish is None:
+        _write(result, work_dir / "eval_results.json")
+    else:
+        publish(result)
     log.info("eval %s: %s (skipped: %s)", ref.name, result["metrics"], sorted(result["skipped"]))
     return result
 
@@ -297,7 +303,7 @@ def _simple_evaluate(lm: Any, tasks: list[str], task_dir: Path, settings: dict[s
         fewshot_random_seed=seed,
         confirm_run_unsafe_code=bool(settings["allow_code_execution"]),
     )
-    if out is None:  # only on non-zero ranks, which this single-process stage never is
+    if out is None:  # lm-eval returns None on its non-zero ranks; this HFLM wraps a loaded model, so it has none
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     return out
 
@@ -307,3 +313,58 @@ def _empty_cuda_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# -- the eval cache ------------------------------------------------------------------------------------------
+def cached_evaluation(runner: Any, cache: Path, ref: ModelRef, label: str, eval_cfg: dict[str, Any],
+                      device: str = "auto") -> dict[str, Any]:
+    """``evaluate_model`` of ``ref`` through the stage runner (instructdiff.stages), cached in
+    ``cache/eval/<key>/`` with its checksum and fingerprint; the forward positions lm-eval ran are measured
+    (``count_forward_tokens``) and kept beside the result, for the FLOPs of a later cache hit."""
+    from omegaconf import OmegaConf
+
+    from instructdiff.cache_check import CORRUPT, BadEntry, Entry, read_json, write_json
+    from instructdiff.cost import count_forward_tokens, forward_flops
+    from instructdiff.rows import stable_hash
+    from instructdiff.stages import STAGE_VERSIONS
+
+    key = stable_hash({"model": ref.fingerprint, "eval": eval_cfg, "tasks": task_files_fingerprint(),
+                       "v": STAGE_VERSIONS["eval"]})
+    out = Path(cache) / "eval" / key
+    result_path, cost_path = out / "eval_results.json", out / "eval_cost.json"
+    fingerprint = {"key": key, "model": ref.fingerprint}
+
+    def check(doc: dict) -> None:  # a result cached before results recorded a checksum
+        if not isinstance(doc.get("metrics"), dict) or not isinstance(doc.get("skipped"), dict):
+            raise BadEntry(CORRUPT, "it has no metrics or skipped tasks")
+
+    def read() -> tuple[dict, dict | None]:
+        return read_json(result_path, fingerprint, check), (read_json(cost_path, fingerprint)
+                                                            if cost_path.exists() else None)
+
+    def compute() -> tuple[dict, dict]:
+        with count_forward_tokens() as counter:
+            def publish(result: dict) -> None:  # the counts first: the result marks the entry done
+                write_json(cost_path, {"tokens": counter.tokens, "calls": counter.calls}, fingerprint,
+                           "eval token counts")
+                write_json(result_path, result, fingerprint, "eval results", sort_keys=True)
+
+            result = evaluate_model(ref, OmegaConf.create(eval_cfg), out, device=device, publish=publish)
+        return result, {"tokens": counter.tokens}
+
+    def estimate(params: Any, value: tuple[dict, dict | None]) -> dict:
+        measured = value[1]
+        if not measured:
+            return {"tokens": None, "flops_uncached": None,
+                    "rule": "not estimated: evaluated (and cached) before token counting"}
+        return {"tokens": measured["tokens"], "rule": "measured forward positions",
+                "flops_uncached": forward_flops(params.forward, measured["tokens"])}
+
+    # Under several processes this entry is served by rank 0 alone, the others waiting for its result
+    # (cache_check.serve_in_group): evaluation does not run data-parallel. lm-eval's own data-parallel mode
+    # needs ``pretrained`` as a path (its HFLM then makes its own Accelerator), one GPU per process and a
+    # single node (it ranks by local process index), and gathers only on its rank 0; the HFLM here wraps a
+    # model already loaded, so lm-eval sees one process (rank 0, world size 1) on CPU, GPU, one node or many.
+    (result, _), _ = runner.run("eval", f"{label} model evaluation", key,
+                                Entry(result_path, read, compute, Path(f"{out}.lock")), ref, estimate)
+    return result

@@ -19,12 +19,12 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
 from instructdiff.rows import stable_hash
 
@@ -59,10 +59,8 @@ def resolve_model(model_cfg: Any, cache_dir: str | Path) -> ModelRef:
     name = _cfg_get(model_cfg, "name")
     # Off unless the model's YAML says `trust_remote_code: true`: remote code is arbitrary Python.
     trust = _cfg_get(model_cfg, "trust_remote_code", False) is True
+    # the models folder is made when a model is first built there: a read-only cache serves a cached run
     cache_dir = Path(cache_dir)
-    from instructdiff.atomic import ensure_dir
-
-    ensure_dir(cache_dir / "models", "the model cache (paths.cache_dir)")
     if source == "gguf_package":
         return _resolve_gguf_package(model_cfg, cache_dir)
     if source == "tiny":
@@ -105,14 +103,42 @@ def _resolve_gguf_package(model_cfg: Any, cache_dir: Path) -> ModelRef:
     fp = stable_hash({"gguf": gguf_path.name, "size": st.st_size, "package": _cfg_get(model_cfg, "package")})
     target = cache_dir / "models" / f"{_cfg_get(model_cfg, 'name')}-{fp}"
     name = _cfg_get(model_cfg, "name")
-    with FileLock(str(target) + ".lock"):
-        if not (target / "DONE").exists():
-            log.info("converting %s to safetensors in %s (once)", gguf_path, target)
-            _convert_gguf(gguf_path, target)
+
+    def convert() -> None:
+        log.info("converting %s to safetensors in %s (once)", gguf_path, target)
+        _convert_gguf(gguf_path, target, {"model": name, "fingerprint": fp})
+
+    _serve_model_dir(target, {"model": name, "fingerprint": fp}, convert)
     return ModelRef(name, str(target), fp, False)
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
+def _serve_model_dir(target: Path, fingerprint: dict, build: Callable[[], None]) -> None:
+    """Build the model directory ``target`` once; later runs check it against its record (cache_check) and
+    rebuild it, with a warning, when it is damaged."""
+    from instructdiff.cache_check import Entry, check_model_dir, serve, verify_dir
+
+    def read() -> bool:
+        verify_dir(target, fingerprint, lambda d: check_model_dir(d, "DONE"))
+        return True
+
+    serve(Entry(target, read, build, Path(f"{target}.lock")))
+
+
+def _publish(tmp: Path, target: Path, fingerprint: dict | None) -> None:
+    """Move the finished build ``tmp`` onto ``target``, recording its checksums first (so it is published with
+    them, never without)."""
+    if fingerprint is not None:
+        from instructdiff.cache_check import seal_dir
+
+        seal_dir(tmp, fingerprint)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path, fingerprint: dict | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = str(gguf_path.parent), gguf_path.name
@@ -133,11 +159,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "DONE").write_text(json.dumps({"source": str(gguf_path)}))
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    _publish(tmp, target, fingerprint)
 
 
 def _resolve_tiny(model_cfg: Any, cache_dir: Path) -> ModelRef:
@@ -146,9 +168,8 @@ def _resolve_tiny(model_cfg: Any, cache_dir: Path) -> ModelRef:
              "num_key_value_heads", "vocab_size", "max_position_embeddings", "init_seed")}
     fp = stable_hash({"tiny": spec, "v": 1})
     target = cache_dir / "models" / f"{_cfg_get(model_cfg, 'name')}-{fp}"
-    with FileLock(str(target) + ".lock"):
-        if not (target / "DONE").exists():
-            build_tiny(spec, target)
+    fingerprint = {"model": _cfg_get(model_cfg, "name"), "fingerprint": fp}
+    _serve_model_dir(target, fingerprint, lambda: build_tiny(spec, target, fingerprint))
     return ModelRef(_cfg_get(model_cfg, "name"), str(target), fp, False)
 
 
@@ -169,7 +190,7 @@ def _tokenizer_corpus(limit: int = 3000) -> list[str]:
     return texts
 
 
-def build_tiny(spec: dict[str, Any], target: Path) -> None:
+def build_tiny(spec: dict[str, Any], target: Path, fingerprint: dict | None = None) -> None:
     """Train a byte-level BPE (lossless on any text) and random-init a tiny Llama; seconds on a CPU."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -200,11 +221,7 @@ def build_tiny(spec: dict[str, Any], target: Path) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "DONE").write_text("{}")
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    _publish(tmp, target, fingerprint)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -8,113 +8,123 @@ another multirun job with the same inputs) reuses it and says so:
     selections/<key>.json      selector output                 key: pool, base, rendering, selector, trainer, seed
     eval/<key>/                lm-eval results per model        key: model, eval config
 
-The run directory gets results.json, selection.jsonl, subset.jsonl and manifest.json.
+Each stage is one call of ``StageRunner.run`` (instructdiff.stages: log, lock, stage check, cost), and each
+entry records its checksum and the fingerprint of its inputs (instructdiff.cache_check), so a damaged or
+misplaced entry is recomputed, never served. The run directory gets results.json, selection.jsonl,
+subset.jsonl and manifest.json (instructdiff.run_outputs).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import platform
-import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from instructdiff import PROJECT_ROOT, __version__
-from instructdiff.data import load_pool, original_records
-from instructdiff.models import ModelRef, load_model, load_tokenizer, resolve_model, trained_ref
+from instructdiff import distributed
+from instructdiff.cache_check import (
+    CORRUPT,
+    BadEntry,
+    Entry,
+    check_model_dir,
+    read_json,
+    seal_dir,
+    verify_dir,
+    write_json,
+)
+from instructdiff.data import PoolReport, load_pool
+from instructdiff.models import ModelRef, load_tokenizer, resolve_model, trained_ref
 from instructdiff.queries import load_queries
-from instructdiff.render import Renderer, render_pool
+from instructdiff.render import Rendered, Renderer, render_pool
 from instructdiff.rows import Row, fingerprint_rows, stable_hash
-from instructdiff.scoring import ScoreStore, ScoreTable
-from instructdiff.selection import Selection, SelectionContext, Selector
+from instructdiff.run_outputs import json_default, print_summary, write_manifest, write_selection
+from instructdiff.run_outputs import write_json as write_run_file
+from instructdiff.score_stage import PoolScorer
+from instructdiff.score_store import ScoreStore
+from instructdiff.scoring import ScoreTable
+from instructdiff.selection import Selection, SelectionContext, Selector, declared_context
+from instructdiff.selector_factory import instantiate_selector
+from instructdiff.stages import STAGE_VERSIONS, STAGES, StageNotEnabled, StageRunner
 from instructdiff.tracking import Tracker
+
+__all__ = ["STAGES", "Pipeline", "Prepared", "StageNotEnabled", "print_summary", "resolve_run_dir", "run"]
 
 log = logging.getLogger("instructdiff")
 
-STAGES = ("calibrate", "score", "select", "train", "eval")
-# signals built from per-token response NLL/entropy: they follow score.response_end
-RESPONSE_END_SIGNALS = frozenset({"token_stats"})
-# Bump when a stage's output for the same inputs changes, so stale cache entries are not reused.
-STAGE_VERSIONS = {"train": 1, "select": 1, "eval": 1}
+# trainer flag -> (conf/selector/<name>.yaml, function of that selector's module) that rewrites the rows the final
+# model trains on, called as fn(rows, ctx, domain_cfg) -> (rows, info for results.json[flag]). It is found
+# through the selector's config, so the framework names no plugin module.
+TRAINING_ROW_HOOKS = {"complexity_aware": ("complexity", "complexity_aware_rows")}
 
 
-class StageNotEnabled(RuntimeError):
-    pass
+@dataclass
+class Prepared:
+    """What every stage needs, made once by ``Pipeline.prepare``: the pool as read and as rendered, the base."""
+
+    rows: list[Row]              # every row the loader kept (the renderer may drop more)
+    report: PoolReport
+    base: ModelRef
+    tokenizer: Any
+    renderer: Renderer
+    render_fp: str
+    rendered: list[Rendered]
+    render_dropped: list[dict]
+    pool: list[Row]              # the rows the renderer kept: what selectors see
+    pool_fp: str
+    response_tokens: dict[str, int]  # completion tokens per pool row, as trained
 
 
-def code_hash() -> str:
-    """Hash of the framework's source (recorded in the manifest, not in cache keys)."""
-    h = hashlib.sha256()
-    for folder in ("instructdiff", "baselines"):
-        for p in sorted((PROJECT_ROOT / folder).rglob("*.py")):
-            h.update(p.relative_to(PROJECT_ROOT).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+def _prepared(name: str) -> property:
+    return property(lambda self: getattr(self.need_prepared(), name), doc=f"``Prepared.{name}`` of this run")
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Publish ``obj`` at ``path`` whole or not at all (temp file + os.replace); clear OutputError on failure."""
-    from instructdiff.atomic import atomic_write_json
+def trainer_cache_key(trainer_cfg: dict) -> dict:
+    """The trainer settings a trained model's cache key hashes. ``strategy: auto`` (added with multi-process
+    training) is left out so the models cached before it stay valid; a process count above one enters the key,
+    since it changes the batches each step sees unless the user kept the global batch."""
+    from instructdiff import distributed
 
-    atomic_write_json(path, obj, path.name, default=_json_default)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str):
-        t0 = time.time()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t0, 3)
+    key = {k: v for k, v in trainer_cfg.items() if not (k == "strategy" and v == "auto")}
+    if distributed.world_size() > 1:
+        key["world_size"] = distributed.world_size()
+    return key
 
 
 class Pipeline:
-    """One run. Methods are the stages; ``run`` wires them in order."""
+    """One run. Methods are the stages, each one call of its StageRunner; ``run`` wires them in order."""
+
+    # what prepare() made, read as attributes of the pipeline (the tests and instructdiff.score_pool do)
+    base = _prepared("base")
+    pool = _prepared("pool")
+    rows = _prepared("rows")
+    report = _prepared("report")
+    rendered = _prepared("rendered")
+    render_dropped = _prepared("render_dropped")
+    renderer = _prepared("renderer")
+    render_fp = _prepared("render_fp")
+    pool_fp = _prepared("pool_fp")
+    response_tokens = _prepared("response_tokens")
+    tokenizer = _prepared("tokenizer")
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.cache = Path(cfg.paths.cache_dir).resolve()
-        self.stages = list(cfg.pipeline.stages)
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; known: {list(STAGES)}")
+        self.runner = StageRunner(list(cfg.pipeline.stages), log.info)
         self.seed = int(cfg.seed)
-        self.timer = Timer()
-        self.cache_events: list[dict] = []
         self.trainings: list[dict] = []
-        # estimated FLOPs of every model pass asked for, cached or not (instructdiff.cost); see _cost_event
-        self.cost_events: list[dict] = []
-        self._selecting = False
         self.render_cfg = {"template": cfg.render.template, "system_prompt": cfg.render.system_prompt,
                            "max_length": cfg.domain.get("max_length")}
         self.trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-        self._renderers: dict[str, tuple] = {}
-        self._selector_refs: dict[str, ModelRef] = {}
+        self.trainer_key = trainer_cache_key(self.trainer_cfg)
+        self.store = ScoreStore(self.cache / "scores")
+        self.prepared: Prepared | None = None
+        self.scorer: PoolScorer | None = None
+        self.accounting: dict | None = None
         from instructdiff.render import RESPONSE_END_CHOICES
 
         self.response_end = str(cfg.score.get("response_end", "exclude"))
@@ -125,501 +135,247 @@ class Pipeline:
         # pool, so base-model signals are computed once and seeds differ only in what the seed decides
         self.pool_seed = int(cfg.domain.get("pool_seed", 0) or 0)
 
-    def say(self, msg: str) -> None:
-        log.info(msg)
+    @property
+    def stages(self) -> list[str]:
+        return self.runner.enabled
 
-    def note_cache(self, stage: str, key: str, hit: bool, what: str) -> None:
-        self.cache_events.append({"stage": stage, "key": key, "hit": hit, "what": what})
-        self.say(f"[{stage}] {'cached, skipping' if hit else 'computing'}: {what} ({key})")
+    @stages.setter
+    def stages(self, value: list[str]) -> None:  # instructdiff.score_pool runs the score stage alone
+        self.runner.enabled = list(value)
 
-    def _cost_event(self, stage: str, what: str, ref: ModelRef, cached: bool, estimate: Callable) -> None:
-        """Record one model pass: ``estimate(ModelParams) -> {tokens, flops_uncached, ...}`` is its from-scratch
-        cost; ``flops`` (incurred here) is 0 when it came from the cache. Passes made inside a selector's
-        ``select`` are its selection cost. An estimate that fails is recorded as not estimated, never guessed."""
-        from instructdiff.cost import model_params
-
-        event: dict[str, Any] = {"stage": stage, "what": what, "model": ref.name, "cached": bool(cached),
-                                 "selection": self._selecting}
-        try:
-            event.update(estimate(model_params(ref.path, ref.trust_remote_code, ref.revision)))
-        except Exception as e:  # e.g. a config transformers cannot build: the run goes on, the gap is shown
-            log.warning("no FLOPs estimate for %s (%s): %s", what, ref.name, e)
-            event.update({"tokens": None, "flops_uncached": None, "rule": f"not estimated: {e}"})
-        unc = event["flops_uncached"]
-        event["flops"] = None if unc is None else (0.0 if cached else unc)
-        self.cost_events.append(event)
+    def need_prepared(self) -> Prepared:
+        if self.prepared is None:
+            raise RuntimeError("Pipeline.prepare() has not run: the pool and base model are not loaded yet")
+        return self.prepared
 
     # -- calibrate / train ---------------------------------------------------------------------------
     def train_model(self, rows: list[Row], purpose: str, stage: str) -> ModelRef:
-        key = stable_hash({"base": self.base.fingerprint, "rows": [r.id for r in rows],
-                           "texts": stable_hash([r.response for r in rows]), "render": self.render_fp,
-                           "trainer": self.trainer_cfg, "seed": self.seed, "v": STAGE_VERSIONS["train"]})
-        out = self.cache / "models" / f"trained-{key}"
-        with FileLock(str(out) + ".lock"):
-            done = (out / "train_stats.json").exists()
-            self.note_cache(stage, key, done, f"SFT on {len(rows)} rows ({purpose})")
-            if not done:
-                if stage not in self.stages:
-                    raise StageNotEnabled(
-                        f"{purpose} needs stage '{stage}', which is not in pipeline.stages={self.stages} "
-                        f"and its output is not cached; add '{stage}' to pipeline.stages")
-                from instructdiff.train import train_sft
-
-                with self.timer.stage(stage):
-                    train_sft(self.base, rows, self.cfg.trainer, self.render_cfg, out, self.seed, stage=stage)
-            stats = json.loads((out / "train_stats.json").read_text())
-        self.trainings.append({"purpose": purpose, "key": key, "cached": done, **stats})
         from instructdiff.cost import training_cost
 
-        self._cost_event(stage, f"SFT on {len(rows)} rows ({purpose})", self.base, done,
-                         lambda p: {**training_cost(p, self.trainer_cfg, stats), "rule": "training"})
-        return trained_ref(f"{self.base.name}+{purpose}", out, key)
+        p = self.need_prepared()
+        key = stable_hash({"base": p.base.fingerprint, "rows": [r.id for r in rows],
+                           "texts": stable_hash([r.response for r in rows]), "render": p.render_fp,
+                           "trainer": self.trainer_key, "seed": self.seed, "v": STAGE_VERSIONS["train"]})
+        out = self.cache / "models" / f"trained-{key}"
+        fingerprint = {"key": key, "base": p.base.fingerprint, "rows": len(rows), "seed": self.seed}
 
-    # -- score ---------------------------------------------------------------------------------------
-    def score_numerics(self) -> dict:
-        """The scoring settings that change the numbers (and so the score and selection cache keys)."""
-        return {"dtype": str(self.cfg.score.dtype), **({"compile": True} if self.cfg.score.get("compile") else {})}
+        def stats() -> dict:
+            return json.loads((out / "train_stats.json").read_text())
 
-    def score(self, ref: ModelRef, desc: str, variant: str = "conditioned") -> ScoreTable:
-        # Batching changes the float summation order only within 1e-6; keep it out of the key so
-        # a different batch size reuses scores. A compiled body fuses ops (and under bf16 skips roundings),
-        # so its tables are keyed apart; uncompiled keys stay what they were.
-        key_settings = self.score_numerics()
-        settings = {"max_tokens_per_batch": int(self.cfg.score.max_tokens_per_batch),
-                    "max_batch_size": int(self.cfg.score.max_batch_size),
-                    "checkpoint_every": int(self.cfg.score.checkpoint_every),
-                    "pad_id": int(self.renderer_for(ref)[0].tokenizer.pad_token_id),
-                    "dtype": key_settings["dtype"], "compile": "compile" in key_settings}
-        renderer, rendered, render_fp = self.renderer_for(ref)
-        if variant == "unconditioned":
-            by_id = {r.id: r for r in self.pool}
-            key = ("unconditioned", render_fp)
-            if key not in self._renderers:
-                self._renderers[key] = [renderer.unconditioned(by_id[r.id]) for r in rendered]
-            rendered = self._renderers[key]
-        elif variant != "conditioned":
-            raise ValueError(f"unknown scoring variant {variant!r}; expected conditioned | unconditioned")
-        # end-of-turn tokens are trained on but, by default, not scored (score.response_end); the table's key
-        # hashes every row's completion length, so the two choices never share a table
-        rendered = [r.for_scoring(self.response_end) for r in rendered]
-        desc = desc if variant == "conditioned" else f"{desc} ({variant})"
-        settings = {**settings, "_key": key_settings}
-        cached = self.store.response_path(ref.fingerprint, rendered, render_fp, settings).exists()
-        self.note_cache("score", ref.fingerprint, cached, f"{desc} model scores")
-
-        def loader():
-            if "score" not in self.stages:
-                raise StageNotEnabled(f"scores of {ref.name} are not cached and 'score' is not in pipeline.stages")
-            return load_model(ref, dtype="float32", device=self.cfg.score.device)
-
-        misses = self.store.misses
-        with self.timer.stage("score"):
-            table = self.store.response_stats(loader, ref.fingerprint, rendered, render_fp, settings,
-                                              desc=f"score {desc}")
-        from instructdiff.cost import signal_cost
-
-        # NLL / entropy: one forward pass over prompt + response of every row
-        self._cost_event("score", f"{desc} model scores", ref, self.store.misses == misses,
-                         lambda p: signal_cost("response_stats", {}, rendered, p))
-        return table
-
-    def renderer_for(self, ref: ModelRef) -> tuple[Renderer, list, str]:
-        """(renderer, rendered pool, render fingerprint) for a model's tokenizer; the base's when they match."""
-        if ref.fingerprint == self.base.fingerprint or ref.path.startswith(str(self.cache / "models" / "trained-")):
-            return self.renderer, self.rendered, self.render_fp
-        cached = self._renderers.get(ref.fingerprint)
-        if cached is None:
-            tok = load_tokenizer(ref)
-            renderer = Renderer(tok, template=self.render_cfg["template"],
-                                system_prompt=self.render_cfg["system_prompt"], max_length=None)
-            by_id = {r.id: r for r in self.pool}
-            cached = (renderer, [renderer(by_id[r.id]) for r in self.rendered], renderer.fingerprint)
-            self._renderers[ref.fingerprint] = cached
-        return cached
-
-    def signal(self, ref: ModelRef, name: str, rows: list[Row] | None = None, **options) -> dict:
-        """A registered signal (instructdiff.signals) of ``ref`` over the pool, computed once and cached.
-
-        ``rows``: compute it over these rows instead (e.g. a domain's query set), rendered with ``ref``'s
-        renderer and cached by their content ids; rows the renderer drops (too long) are left out, and the
-        result's ``ids`` array names the rows it holds, in order."""
-        from instructdiff.cost import signal_cost
-        from instructdiff.signals import SEED_DEPENDENT, SignalInputs, get_signal
-
-        fn = get_signal(name)
-        if name in RESPONSE_END_SIGNALS:
-            # per-token response signals follow score.response_end like the means do; as an option it is
-            # part of the signal's cache key
-            options = {**options, "response_end": self.response_end}
-        key_options = {k: options[k] for k in sorted(options)}
-        if name in SEED_DEPENDENT:
-            key_options["_run_seed"] = self.seed
-        renderer, rendered, render_fp = self.renderer_for(ref)
-        signal_rows, rows_fp = self.pool, self.pool_fp
-        if rows is not None:
-            rendered, _ = render_pool(renderer, rows)
-            by_id = {r.id: r for r in rows}
-            signal_rows = [by_id[r.id] for r in rendered]
-            rows_fp = fingerprint_rows(signal_rows)
+        def read() -> dict:
+            verify_dir(out, fingerprint, lambda d: check_model_dir(d, "train_stats.json"))
+            return stats()
 
         def compute() -> dict:
-            if "score" not in self.stages:
-                raise StageNotEnabled(f"signal {name} of {ref.name} is not cached and 'score' is not in "
-                                      "pipeline.stages")
-            model = load_model(ref, dtype="float32", device=self.cfg.score.device)
-            inputs = SignalInputs(model, renderer.tokenizer, renderer, signal_rows, rendered,
-                                  next(model.parameters()).device, self.seed)
-            out = fn(inputs, options)
-            return out if rows is None else {**out, "ids": np.array([r.id for r in signal_rows], dtype=str)}
+            from instructdiff.train import train_sft
 
-        what = f"{name} of {ref.name}" + ("" if rows is None else f" over {len(signal_rows)} given rows")
-        misses = self.store.misses
-        with self.timer.stage("score"):
-            out = self.store.arrays(ref.fingerprint, rows_fp, render_fp, name, key_options, compute, what)
-        self._cost_event("score", what, ref, self.store.misses == misses,
-                         lambda p: signal_cost(name, options, rendered, p))
-        return out
+            # train.py publishes the directory itself (tmp + rename, rank 0); its record follows at once
+            train_sft(p.base, rows, self.cfg.trainer, self.render_cfg, out, self.seed, stage=stage)
+            distributed.main_first(lambda: seal_dir(out, fingerprint))
+            return stats()
 
-    def resolve_selector_model(self, selector: Selector) -> ModelRef:
-        if not selector.model:
-            return self.base
-        if selector.model not in self._selector_refs:  # asked for by the results and by the selection
-            self._selector_refs[selector.model] = self._resolve_named_model(selector.model)
-        return self._selector_refs[selector.model]
+        # every rank trains (DDP / FSDP); rank 0 verifies a cached model, the others then only read its stats
+        entry = Entry(out, read, compute, Path(f"{out}.lock"), together=True, follow=stats)
+        stats_, hit = self.runner.run(
+            stage, f"SFT on {len(rows)} rows ({purpose})", key, entry,
+            p.base, lambda params, s: {**training_cost(params, self.trainer_cfg, s), "rule": "training"})
+        self.trainings.append({"purpose": purpose, "key": key, "cached": hit, **stats_})
+        return trained_ref(f"{p.base.name}+{purpose}", out, key)
 
-    def _resolve_named_model(self, name: str) -> ModelRef:
-        from instructdiff import CONF_DIR
+    # -- score (instructdiff.score_stage) -------------------------------------------------------------
+    def score(self, ref: ModelRef, desc: str, variant: str = "conditioned") -> ScoreTable:
+        """Response NLL / entropy of ``ref`` over the pool (``variant`` unconditioned: after an empty prompt)."""
+        return self.need_scorer().score(ref, desc, variant)
 
-        path = CONF_DIR / "model" / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-            raise ValueError(f"selector.model={name!r} is not a model config; known: {known}")
-        return resolve_model(OmegaConf.load(path), self.cache)
+    def signal(self, ref: ModelRef, name: str, rows: list[Row] | None = None, **options: Any) -> dict:
+        """A registered signal of ``ref`` over the pool, or over ``rows`` (see ``PoolScorer.signal``)."""
+        return self.need_scorer().signal(ref, name, rows, **options)
+
+    def need_scorer(self) -> PoolScorer:
+        if self.scorer is None:
+            self.scorer = PoolScorer(self.cfg, self.cache, self.runner, self.store, self.need_prepared())
+        return self.scorer
 
     # -- select --------------------------------------------------------------------------------------
-    def select(self, selector: Selector) -> Selection:
-        selector_cfg = OmegaConf.to_container(self.cfg.selector, resolve=True)
-        numerics = self.score_numerics()
-        key = stable_hash({"pool": self.pool_fp, "base": self.base.fingerprint, "render": self.render_fp,
-                           "selector": selector_cfg, "seed": self.seed, "v": STAGE_VERSIONS["select"],
-                           "response_end": self.response_end,
-                           "trainer": self.trainer_cfg if selector.uses_training else None,
-                           # bf16 or compiled scores are other numbers, so another selection; fp32 eager adds
-                           # nothing to the key, so selections cached before this entry stay valid
-                           **({"score": numerics} if numerics != {"dtype": "fp32"} else {}),
-                           # a selector that matches against domain.query depends on those rows' content
-                           **({"queries": fingerprint_rows(load_queries(self.cfg.domain))}
-                              if selector.uses_queries else {})})
-        path = self.cache / "selections" / f"{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            self.note_cache("select", key, True, f"selection by {type(selector).__name__}")
-            d = json.loads(path.read_text())
-            self._restore_selection_cost(d.get("cost"))
-            return Selection(d["selected"], d["status"], d["scores"], d["stats"])
-        if "select" not in self.stages:
-            raise StageNotEnabled("no cached selection for this configuration and 'select' is not in "
-                                  "pipeline.stages")
-        self.note_cache("select", key, False, f"selection by {type(selector).__name__}")
-        ctx = SelectionContext(
-            pool=self.pool, response_tokens=self.response_tokens, rng=np.random.default_rng(self.seed),
-            seed=self.seed, base=self.base, score=self.score,
+    def context(self, selector: Selector | None = None) -> SelectionContext:
+        """The cached stages a selector (or a training-row hook) may use."""
+        p = self.need_prepared()
+        return SelectionContext(
+            pool=p.pool, response_tokens=p.response_tokens, rng=np.random.default_rng(self.seed),
+            seed=self.seed, base=p.base, score=self.score,
             calibrate=lambda rows, purpose: self.train_model(rows, f"calibration-{purpose}", "calibrate"),
             train=lambda rows, purpose: self.train_model(rows, f"selection-{purpose}", "calibrate"),
-            signal=self.signal, selector_model=self.resolve_selector_model(selector),
-            queries=lambda n=None: load_queries(self.cfg.domain, n), log=self.say,
+            signal=self.signal, selector_model=self.need_scorer().selector_model(selector.model if selector else None),
+            queries=lambda n=None: load_queries(self.cfg.domain, n), log=log.info,
         )
-        t0 = time.time()
-        before = dict(self.timer.seconds)
-        n_events = len(self.cost_events)
-        self._selecting = True  # every model pass from here on is this selector's selection cost
-        try:
-            selection = selector.select(ctx)
-        finally:
-            self._selecting = False
-        self.selection_seconds = self.selection_seconds_recorded = round(time.time() - t0, 3)
-        selection_cost = {"events": self.cost_events[n_events:], "seconds": self.selection_seconds}
-        own = time.time() - t0 - sum(self.timer.seconds.get(k, 0) - before.get(k, 0) for k in self.timer.seconds)
-        self.timer.seconds["select"] = round(own, 3)
-        limit = selector.budget.limit(len(self.pool), ctx.pool_tokens)
-        available = len(self.pool) if selector.budget.unit == "samples" else ctx.pool_tokens
+
+    def selection_key(self, selector: Selector) -> str:
+        p, numerics = self.need_prepared(), self.need_scorer().numerics()
+        return stable_hash({"pool": p.pool_fp, "base": p.base.fingerprint, "render": p.render_fp,
+                            "selector": OmegaConf.to_container(self.cfg.selector, resolve=True),
+                            "seed": self.seed, "v": STAGE_VERSIONS["select"], "response_end": self.response_end,
+                            "trainer": self.trainer_key if selector.uses_training else None,
+                            # bf16 or compiled scores are other numbers, so another selection; fp32 eager adds
+                            # nothing to the key, so selections cached before this entry stay valid
+                            **({"score": numerics} if numerics != {"dtype": "fp32"} else {}),
+                            # a selector that matches against domain.query depends on those rows' content
+                            **({"queries": fingerprint_rows(load_queries(self.cfg.domain))}
+                               if selector.uses_queries else {})})
+
+    def select(self, selector: Selector) -> Selection:
+        p = self.need_prepared()
+        key = self.selection_key(selector)
+        path = self.cache / "selections" / f"{key}.json"
+        fingerprint = {"key": key, "pool": p.pool_fp, "base": p.base.fingerprint}
+        # no lock: the selector's own stages lock themselves, and a job that waited on another's whole
+        # selection would never see (nor log) the calibration it shares. Every rank runs the selector: the
+        # calibration and scoring it asks for are computed by all ranks together.
+        entry = Entry(path, lambda: read_json(path, fingerprint, _check_selection_doc),
+                      lambda: self._compute_selection(selector, path, fingerprint), None, together=True)
+        doc, hit = self.runner.run("select", f"selection by {selector.name}", key, entry)
+        if hit:
+            self.runner.ledger.restore_selection(doc.get("cost"))
+        return Selection(doc["selected"], doc["status"], doc["scores"], doc["stats"])
+
+    def _compute_selection(self, selector: Selector, path: Path, fingerprint: dict) -> dict:
+        from instructdiff.faults import crash_point
+
+        ctx = self.context(selector)
+        with self.runner.ledger.during_selection() as cost:
+            # a handle the selector's uses_* flags do not declare raises: its key would miss what it read
+            selection = selector.select(declared_context(ctx, selector))
+        limit = selector.budget.limit(len(ctx.pool), ctx.pool_tokens)
+        available = len(ctx.pool) if selector.budget.unit == "samples" else ctx.pool_tokens
         if limit > available:
             # not an error (budget.count=1000 on a small pool is a common sweep setting), but never silent
             note = (f"budget {limit} {selector.budget.unit} exceeds the pool's {available}: every row the "
                     f"selector kept is selected ({len(selection.selected)})")
             log.warning("[select] %s", note)
             selection.stats.setdefault("notes", []).append(note)
-        from instructdiff.faults import crash_point
-
         crash_point("select.publish")
-        _atomic_write_json(path, {"selected": selection.selected, "status": selection.status,
-                                  "scores": selection.scores, "stats": selection.stats,
-                                  "cost": selection_cost})
-        return selection
+        doc = {"selected": selection.selected, "status": selection.status, "scores": selection.scores,
+               "stats": selection.stats, "cost": cost}
 
-    def _restore_selection_cost(self, cost: dict | None) -> None:
-        """A cached selection costs nothing now; its recorded passes still tell what it costs from scratch."""
-        self.selection_seconds = 0.0
-        self.selection_seconds_recorded = (cost or {}).get("seconds")
-        for e in (cost or {}).get("events", []):
-            self.cost_events.append({**e, "cached": True, "selection": True,
-                                     "flops": None if e.get("flops_uncached") is None else 0.0})
+        def publish() -> dict:
+            write_json(path, doc, fingerprint, path.name, default=json_default)
+            return doc
 
-    def complexity_aware_rows(self, rows: list[Row]) -> tuple[list[Row], dict]:
-        """Complexity-aware training (arXiv 2506.21220, docs/methods.md §6), offline form: easy and medium rows train
-        on the final answer only, hard rows on the full chain of thought. Bands are the pool quartiles of the
-        base model's first-answer-token entropy; ``domain.answer_marker`` splits reasoning from the answer."""
-        from baselines.complexity import BANDS, complexity_bands
+        # rank 0's selection for every rank: the final SFT's data-parallel shards must come from one row list
+        return distributed.main_first(publish)
 
-        marker = self.cfg.domain.get("answer_marker")
-        if not marker:
-            raise ValueError(f"trainer.complexity_aware needs domain.answer_marker (the string before the final "
-                             f"answer, e.g. GSM8K's '####'); domain {self.cfg.domain.name} has none")
-        table = self.score(self.base, "base")
-        h = table.aligned("first_token_entropy", [r.id for r in self.pool])
-        finite = np.isfinite(h)
-        _, codes, q25, q75 = complexity_bands(h[finite])
-        band_of = dict(zip([r.id for r, ok in zip(self.pool, finite, strict=True) if ok], codes.tolist(), strict=True))
-        out, counts = [], {"easy": 0, "medium": 0, "hard": 0, "no_band": 0, "answer_only": 0, "no_marker": 0}
-        for r in rows:
-            band = band_of.get(r.id)
-            counts[BANDS[band] if band is not None else "no_band"] += 1
-            if band is None or BANDS[band] == "hard":
-                out.append(r)
-                continue
-            cut = r.response.rfind(marker)
-            if cut < 0:
-                counts["no_marker"] += 1  # nothing to shorten: trained on the full response, and counted
-                out.append(r)
-                continue
-            counts["answer_only"] += 1
-            out.append(Row(r.id, r.instruction, r.input, r.response[cut:].strip(), r.meta))
-        self.say(f"complexity-aware training: {counts}")
-        return out, {**counts, "q25": q25, "q75": q75}
-
-    # -- eval ----------------------------------------------------------------------------------------
+    # -- eval -----------------------------------------------------------------------------------------
     def evaluate(self, ref: ModelRef, label: str) -> dict:
-        from instructdiff.evaluate import evaluate_model, task_files_fingerprint
+        from instructdiff.evaluate import cached_evaluation
 
         eval_cfg = OmegaConf.to_container(self.cfg.eval, resolve=True)
-        if self.renderer.template != "chat":
+        if self.need_prepared().renderer.template != "chat":
             # evaluate with the prompt format the model was trained on
             eval_cfg["apply_chat_template"] = False
-        key = stable_hash({"model": ref.fingerprint, "eval": eval_cfg, "tasks": task_files_fingerprint(),
-                           "v": STAGE_VERSIONS["eval"]})
-        out = self.cache / "eval" / key
-        result_path = out / "eval_results.json"
-        with FileLock(str(out) + ".lock"):
-            from instructdiff.cost import count_forward_tokens, forward_flops
-
-            # lm-eval's token counts are measured (count_forward_tokens) and kept beside the cached result
-            cost_path = out / "eval_cost.json"
-            if result_path.exists():
-                self.note_cache("eval", key, True, f"{label} model evaluation")
-                measured = json.loads(cost_path.read_text()) if cost_path.exists() else None
-                self._cost_event("eval", f"{label} model evaluation", ref, True, lambda p: {
-                    "tokens": measured["tokens"], "rule": "measured forward positions",
-                    "flops_uncached": forward_flops(p.forward, measured["tokens"])} if measured else {
-                    "tokens": None, "flops_uncached": None,
-                    "rule": "not estimated: evaluated (and cached) before token counting"})
-                return json.loads(result_path.read_text())
-            self.note_cache("eval", key, False, f"{label} model evaluation")
-            out.mkdir(parents=True, exist_ok=True)
-            with self.timer.stage("eval"), count_forward_tokens() as counter:
-                result = evaluate_model(ref, OmegaConf.create(eval_cfg), out, device=self.cfg.score.device)
-            _atomic_write_json(cost_path, {"tokens": counter.tokens, "calls": counter.calls})
-            self._cost_event("eval", f"{label} model evaluation", ref, False, lambda p: {
-                "tokens": counter.tokens, "rule": "measured forward positions",
-                "flops_uncached": forward_flops(p.forward, counter.tokens)})
-            return result
+        return cached_evaluation(self.runner, self.cache, ref, label, eval_cfg, device=self.cfg.score.device)
 
     # -- whole run -----------------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self) -> Prepared:
         """Load and render the pool, resolve the base model: what every stage needs."""
         cfg = self.cfg
-        with self.timer.stage("data"):
-            rows, self.report = load_pool(cfg.domain, self.pool_seed)
-            self.base = resolve_model(cfg.model, self.cache)
-            self.tokenizer = load_tokenizer(self.base)
-            self.renderer = Renderer(self.tokenizer, **self.render_cfg)
-            self.render_fp = self.renderer.fingerprint
-            self.rendered, self.render_dropped = render_pool(self.renderer, rows)
-        self.rows = rows
-        kept = {r.id for r in self.rendered}
-        self.pool = [r for r in rows if r.id in kept]
-        self.pool_fp = fingerprint_rows(self.pool)
-        self.response_tokens = {r.id: len(r.completion_ids) for r in self.rendered}
-        self.store = ScoreStore(self.cache / "scores")
-        self.say(f"pool: {len(self.pool)} rows ({self.report.n_read} read, {len(self.report.dropped)} dropped "
-                 f"on load, {len(self.render_dropped)} dropped by the renderer)")
-        if not self.pool:
+        # every rank reads and renders for itself; a bad file or setting seen by one rank stops them all with
+        # its message (fail_together), and no collective may sit inside those blocks
+        with self.runner.timer.stage("data"):
+            with distributed.fail_together("reading the pool"):
+                rows, report = load_pool(cfg.domain, self.pool_seed)
+            base = resolve_model(cfg.model, self.cache)  # built once, by rank 0 under a group (cache_check)
+            with distributed.fail_together("rendering the pool"):
+                tokenizer = load_tokenizer(base)
+                renderer = Renderer(tokenizer, **self.render_cfg)
+                rendered, render_dropped = render_pool(renderer, rows)
+        kept = {r.id for r in rendered}
+        pool = [r for r in rows if r.id in kept]
+        self.scorer = None
+        self.prepared = Prepared(rows, report, base, tokenizer, renderer, renderer.fingerprint, rendered,
+                                 render_dropped, pool, fingerprint_rows(pool),
+                                 {r.id: len(r.completion_ids) for r in rendered})
+        log.info(f"pool: {len(pool)} rows ({report.n_read} read, {len(report.dropped)} dropped on load, "
+                 f"{len(render_dropped)} dropped by the renderer)")
+        if not pool:
             raise ValueError("every pool row was dropped; see the reasons above")
+        return self.prepared
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         # before any data or model work: a typo in a selector key fails in a second
-        selector: Selector = _instantiate_selector(cfg.selector)
-        self.prepare()
-        if selector.uses_budget and any(s in self.stages for s in ("calibrate", "score", "select", "train")):
-            selector.budget.check_selects_something(len(self.pool), int(sum(self.response_tokens.values())))
-        rows, report, render_dropped = self.rows, self.report, self.render_dropped
+        with distributed.fail_together("making the selector"):
+            selector: Selector = instantiate_selector(cfg.selector)
+        p = self.prepare()
+        selecting = any(s in self.stages for s in ("calibrate", "score", "select", "train"))
+        if selector.uses_budget and selecting:
+            selector.budget.check_selects_something(len(p.pool), int(sum(p.response_tokens.values())))
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "domain": cfg.domain.name,
-                                   "model": self.base.name, "selector": type(selector).__name__,
+                                   "model": p.base.name, "selector": selector.name,
                                    "seed": self.seed, "pool_seed": self.pool_seed, "stages": self.stages,
                                    # the model whose passes ranked the pool (a proxy for superfiltering)
-                                   "scoring_model": self.resolve_selector_model(selector).name
+                                   "scoring_model": self.need_scorer().selector_model(selector.model).name
                                    if selector.uses_models else None}
         selection = None
-        if any(s in self.stages for s in ("calibrate", "score", "select", "train")):
+        if selecting:
             selection = self.select(selector)
-            self._write_selection(selection, report.dropped + render_dropped, rows)
-            results["selection"] = {**selection.stats, "n_pool": len(self.pool),
-                                    "n_dropped_on_load": len(report.dropped),
-                                    "n_dropped_by_renderer": len(render_dropped)}
+            self._write_selection(selection, p.report.dropped + p.render_dropped, p.rows)
+            results["selection"] = {**selection.stats, "n_pool": len(p.pool),
+                                    "n_dropped_on_load": len(p.report.dropped),
+                                    "n_dropped_by_renderer": len(p.render_dropped),
+                                    "not_drawn": p.report.not_drawn}
             results["selection"].pop("warmup_ids", None)
         trained = None
         if "train" in self.stages:
-            by_id = {r.id: r for r in self.pool}
+            by_id = {r.id: r for r in p.pool}
             train_rows = [by_id[i] for i in selection.selected]
-            if cfg.trainer.get("complexity_aware"):
-                train_rows, results["complexity_aware"] = self.complexity_aware_rows(train_rows)
+            for flag, (selector_name, function) in TRAINING_ROW_HOOKS.items():
+                if cfg.trainer.get(flag):
+                    hook = _selector_module_function(selector_name, function)
+                    train_rows, results[flag] = hook(train_rows, self.context(), cfg.domain)
             trained = self.train_model(train_rows, "final", "train")
         results["trainings"] = self.trainings
         if "eval" in self.stages:
-            results["eval"] = {"base": self.evaluate(self.base, "base")}
+            results["eval"] = {"base": self.evaluate(p.base, "base")}
             if trained is not None:
                 results["eval"]["trained"] = self.evaluate(trained, "trained")
-        results["seconds"] = self.timer.seconds
-        from instructdiff.cost import summarize
+        results["seconds"] = self.runner.timer.seconds
+        results["cost"] = self.runner.ledger.summary(self.runner.timer.seconds)
+        events = self.runner.events
+        results["cache"] = {"events": events, "score_store": self.store.stats(),
+                            "hits": sum(e["hit"] for e in events), "misses": sum(not e["hit"] for e in events)}
 
-        results["cost"] = summarize(self.cost_events, self.timer.seconds, getattr(self, "selection_seconds", None),
-                                    getattr(self, "selection_seconds_recorded", None))
-        results["cache"] = {"events": self.cache_events, "score_store": self.store.stats(),
-                            "hits": sum(e["hit"] for e in self.cache_events),
-                            "misses": sum(not e["hit"] for e in self.cache_events)}
-        _atomic_write_json(self.run_dir / "results.json", results)
-        self._write_manifest(report, render_dropped, selection)
+        def publish() -> None:
+            write_run_file(self.run_dir / "results.json", results)
+            write_manifest(self.run_dir, cfg, p, self.pool_seed, self.response_end, selection, self.accounting)
+
+        distributed.main_first(publish)  # rank 0 alone writes the run directory; a failure there stops every rank
         return results
 
     def _write_selection(self, selection: Selection, load_dropped: list[dict], rows: list[Row]) -> None:
-        """selection.jsonl holds every row read (dropped ones too); subset.jsonl the chosen rows.
-
-        Both are published atomically, and only after the row accounting balances: a run that would lose a
-        row raises instead of writing a record that looks complete.
-        """
-        from instructdiff.atomic import atomic_open
-
-        self.accounting = self._accounting(selection)
-        if not self.accounting["balanced"]:
-            raise RuntimeError(f"row accounting does not balance, refusing to write selection.jsonl: "
-                               f"{self.accounting}")
-        with atomic_open(self.run_dir / "selection.jsonl", "w", "selection.jsonl", encoding="utf-8") as fh:
-            rank = {i: k for k, i in enumerate(selection.selected)}
-            for r in self.pool:
-                status = selection.status[r.id]
-                rec = {"id": r.id, "status": status.split(":")[0], "reason": status.split(":", 1)[1]
-                       if ":" in status else None, "rank": rank.get(r.id),
-                       "scores": {k: _finite_or_none(v) for k, v in selection.scores.get(r.id, {}).items()}}
-                fh.write(json.dumps(rec) + "\n")
-            for d in load_dropped:
-                fh.write(json.dumps({"id": d.get("id"), "status": "dropped", "reason": d.get("reason"),
-                                     "source": d.get("source"), "rank": None, "scores": {}}) + "\n")
-        by_id = {r.id: r for r in rows}
-        with atomic_open(self.run_dir / "subset.jsonl", "w", "subset.jsonl", encoding="utf-8") as fh:
-            for rec in original_records([by_id[i] for i in selection.selected]):
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-    def _accounting(self, selection: Selection | None) -> dict:
-        """selected + not_selected + dropped = input rows, with every drop reason counted.
-
-        ``input_rows`` are the records read from the pool files (blank lines are not records). Rows left out
-        by the ``domain.pool_size`` subsample count as dropped with reason ``not_in_pool_sample``; they are
-        the only drops not listed one by one in selection.jsonl (``listed`` says how many lines it has).
-        """
-        from collections import Counter
-
-        report, render_dropped = self.report, self.render_dropped
-        reasons: Counter[str] = Counter(d["reason"].split(":", 1)[0] for d in report.dropped)
-        not_sampled = report.n_available - report.n_kept
-        if not_sampled:
-            reasons["not_in_pool_sample"] += not_sampled
-        reasons.update(d["reason"].split(" ", 1)[0] for d in render_dropped)
-        selected = not_selected = 0
-        if selection is None:
-            not_selected = len(self.pool)
-        else:
-            for status in selection.status.values():
-                if status == "selected":
-                    selected += 1
-                elif status == "not_selected":
-                    not_selected += 1
-                else:
-                    reasons[status.split(":", 1)[1] if ":" in status else status] += 1
-        dropped = sum(reasons.values())
-        return {"input_rows": report.n_read, "selected": selected, "not_selected": not_selected,
-                "dropped": dropped, "dropped_reasons": dict(sorted(reasons.items())),
-                "listed": len(self.pool) + len(report.dropped) + len(render_dropped),
-                "balanced": selected + not_selected + dropped == report.n_read
-                and (selection is None or len(selection.status) == len(self.pool))}
-
-    def _write_manifest(self, report, render_dropped: list[dict], selection: Selection | None) -> None:
-        import torch
-        import transformers
-        import trl
-
-        from instructdiff.tracking import mask_secrets
-
-        manifest = {
-            "instructdiff_version": __version__, "code_hash": code_hash(),
-            # keys that look like credentials (token, key, secret, password) are masked: manifests get shared
-            "config": mask_secrets(OmegaConf.to_container(self.cfg, resolve=True)),
-            "base_model": {"name": self.base.name, "path": self.base.path, "fingerprint": self.base.fingerprint},
-            "data_files": {f: _sha256(f) for f in sorted({r.meta["source_file"] for r in self.rows
-                                                             if "source_file" in r.meta})},
-            "pool": {"fingerprint": self.pool_fp, "render_fingerprint": self.render_fp,
-                     "pool_seed": self.pool_seed, "pool_size": self.cfg.domain.get("pool_size"), "seed": self.seed,
-                     "response_end": self.response_end,
-                     "report": report.to_dict() if hasattr(report, "to_dict") else str(report),
-                     "n_dropped_by_renderer": len(render_dropped)},
-            "counts": selection.stats.get("counts") if selection else None,
-            "accounting": getattr(self, "accounting", None) or self._accounting(selection),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "trl": trl.__version__},
-        }
-        _atomic_write_json(self.run_dir / "manifest.json", manifest)
+        """selection.jsonl and subset.jsonl (instructdiff.run_outputs.write_selection); keeps the accounting."""
+        self.accounting = distributed.main_first(
+            lambda: write_selection(self.run_dir, self.need_prepared(), selection, load_dropped, rows))
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _check_selection_doc(doc: dict) -> None:
+    """A selection cached before selections recorded a checksum: its parts must still fit together."""
+    selected, status = doc["selected"], doc["status"]
+    if not isinstance(doc["scores"], dict) or not isinstance(doc["stats"], dict):
+        raise BadEntry(CORRUPT, "its scores or stats are not objects")
+    if any(status.get(i) != "selected" for i in selected):
+        raise BadEntry(CORRUPT, "a selected id is not marked selected")
 
 
-def _instantiate_selector(selector_cfg: DictConfig) -> Selector:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
+def _selector_module_function(name: str, function: str) -> Any:
+    """``function`` of the module that implements conf/selector/<name>.yaml's selector."""
+    import importlib
 
-    from instructdiff.config_check import check_selector_cfg
+    from instructdiff import CONF_DIR
+    from instructdiff.selector_factory import current_target
 
-    name = HydraConfig.get().runtime.choices.get("selector") if HydraConfig.initialized() else None
-    check_selector_cfg(selector_cfg, name)
-
-    from hydra.errors import InstantiationException
-
-    from instructdiff.selection import BudgetError
-
-    try:
-        selector = instantiate(selector_cfg, _convert_="all")
-    except InstantiationException as e:
-        if isinstance(e.__cause__, BudgetError):  # the user's budget, not a bug: its own message
-            raise e.__cause__ from None
-        raise
-    if not isinstance(selector, Selector):
-        raise TypeError(f"selector._target_ must build an instructdiff.selection.Selector, got {type(selector)}")
-    return selector
+    target = current_target(str(OmegaConf.load(CONF_DIR / "selector" / f"{name}.yaml")["_target_"]))
+    return getattr(importlib.import_module(target.rpartition(".")[0]), function)
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -632,54 +388,30 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     raise ValueError("paths.run_dir is not set and no Hydra run is active")
 
 
-def print_summary(results: dict, echo: Callable[[str], None] = print) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"instructdiff · {results['domain']} · {results['selector']} · seed {results['seed']}")
-    table.add_column("metric")
-    table.add_column("base", justify="right")
-    table.add_column("trained", justify="right")
-    ev = results.get("eval", {})
-    base_m = ev.get("base", {}).get("metrics", {})
-    trained_m = ev.get("trained", {}).get("metrics", {})
-    for k in sorted(set(base_m) | set(trained_m)):
-        table.add_row(k, _fmt(base_m.get(k)), _fmt(trained_m.get(k)))
-    sel = results.get("selection", {})
-    console = Console()
-    if sel:
-        c = sel.get("counts", {})
-        console.print(f"selection: {c.get('selected')} selected, {c.get('not_selected')} not selected, "
-                      f"{c.get('dropped')} dropped ({sel.get('dropped_reasons')})")
-    if results.get("scoring_model") and results.get("scoring_model") != results.get("model"):
-        console.print(f"scored by: {results['scoring_model']} (selecting for {results.get('model')})")
-    console.print(f"time per stage (s): {results.get('seconds')}")
-    cost = results.get("cost") or {}
-    if cost.get("selection_flops_uncached") is not None:
-        console.print(f"estimated FLOPs: selection {cost['selection_flops_uncached']:.3g} from scratch "
-                      f"({cost.get('selection_flops', 0):.3g} in this run), training {cost.get('train_flops', 0):.3g}, "
-                      f"eval {cost.get('eval_flops', 0):.3g}")
-    console.print(f"cache: {results['cache']['hits']} hits, {results['cache']['misses']} misses")
-    if ev:
-        console.print(table)
-    console.print(f"outputs: {results['run_dir']}")
-
-
-def _fmt(v: Any) -> str:
-    return "—" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def run(cfg: DictConfig) -> dict:
-    """Run the configured stages; returns the results dict that is also written to results.json."""
-    run_dir = resolve_run_dir(cfg)
-    from instructdiff.atomic import ensure_dir
-    from instructdiff.sweep import stage_metrics, tracker_identity
+    """Run the configured stages; returns the results dict that is also written to results.json.
 
-    # before W&B or any stage touches it: an unwritable paths.run_dir fails in a second, with the reason
-    ensure_dir(run_dir, "the run directory (paths.run_dir)")
-    pipeline = Pipeline(cfg, run_dir)
-    tracker = Tracker(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True),
-                      **tracker_identity(cfg, run_dir))
+    Launched as several processes (torchrun, ``accelerate launch``, SLURM tasks) every rank calls this: they join
+    one group here and leave it at the end, whatever happens in between (instructdiff.distributed)."""
+    if distributed.launched_rank() != 0:
+        logging.getLogger("instructdiff").setLevel(logging.WARNING)  # rank 0 speaks for the group
+    distributed.init()
+    try:
+        return _run(cfg)
+    finally:
+        distributed.destroy()
+
+
+def _run(cfg: DictConfig) -> dict:
+    from instructdiff.atomic import ensure_dir
+    from instructdiff.sweep import stage_metrics
+
+    # rank 0's run directory for all: each rank's Hydra stamped its own (run.py sends the others' to a temporary
+    # folder); made before W&B or any stage touches it, so an unwritable paths.run_dir fails in a second
+    run_dir = distributed.main_first(lambda: ensure_dir(resolve_run_dir(cfg), "the run directory (paths.run_dir)"))
+    with distributed.fail_together("setting up the run"):
+        pipeline = Pipeline(cfg, run_dir)
+    tracker = _tracker(cfg, run_dir)
     try:
         results = pipeline.run()
         tracker.log(stage_metrics(results))
@@ -697,3 +429,13 @@ def run(cfg: DictConfig) -> dict:
         return results
     finally:
         tracker.finish()
+
+
+def _tracker(cfg: DictConfig, run_dir: Path) -> Tracker:
+    """The run's W&B tracker, made on rank 0 alone (one W&B run however many ranks); the others get logger none."""
+    from instructdiff.sweep import tracker_identity
+
+    held: list[Tracker] = []
+    distributed.main_first(lambda: held.append(Tracker(cfg.get("logger"), run_dir, OmegaConf.to_container(
+        cfg, resolve=True), **tracker_identity(cfg, run_dir))))
+    return held[0] if held else Tracker(None, run_dir, {}, run_dir.name, None, [])

@@ -40,8 +40,8 @@ def load_queries(domain_cfg: Any, n: int | None = None) -> list[Row]:
     spec = query_spec(domain_cfg)
     name = domain_cfg.get("name", "?") if hasattr(domain_cfg, "get") else "?"
     if spec is None:
-        raise ValueError(f"domain {name!r} names no query set: add domain.query (path, format, rows) with "
-                         "target-domain examples disjoint from its eval items")
+        raise ValueError(f"domain.query is null: domain {name!r} names no query set; add domain.query (path, "
+                         "format, rows) with target-domain examples disjoint from its eval items")
     rows = spec.get("rows")
     start, stop = (0, None) if rows is None else (int(rows[0]), None if rows[1] is None else int(rows[1]))
     if start < 0 or (stop is not None and stop <= start):

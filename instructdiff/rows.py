@@ -23,13 +23,22 @@ def content_id(instruction: str, input: str, response: str) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    """One pool or eval sample. ``input`` is the optional context (Alpaca's ``input``); never dropped."""
+    """One pool or eval sample. ``input`` is the optional context (Alpaca's ``input``); never dropped.
+
+    ``file`` and ``line`` (JSON Lines, 1-based) or ``index`` (a JSON array or keyed object, 0-based) say where the
+    record was read (``instructdiff.data.provenance``); None for rows built in code. They are kept out of the id,
+    equality and hashing: the same text read from another file is the same sample, and caches keyed by ids stay
+    valid when a file is moved.
+    """
 
     id: str
     instruction: str
     input: str
     response: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    file: str | None = field(default=None, compare=False)
+    line: int | None = field(default=None, compare=False)
+    index: int | None = field(default=None, compare=False)
 
     @classmethod
     def make(cls, instruction: str, input: str, response: str, meta: dict[str, Any] | None = None) -> Row:

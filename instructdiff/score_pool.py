@@ -18,26 +18,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from instructdiff import CONF_DIR
+from instructdiff import CONF_DIR, distributed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun group if launched by torchrun (WORLD_SIZE > 1); gloo on CPU, NCCL on GPU."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
 
 
 def score_pool(cfg: DictConfig) -> dict:
@@ -51,7 +36,7 @@ def score_pool(cfg: DictConfig) -> dict:
     # Before joining the group: a model converted or built here is written by whichever rank holds the
     # file lock, and transformers' save_pretrained writes nothing on rank > 0 once a group exists.
     pipe.prepare()
-    rank, world = init_distributed()
+    rank, world = distributed.init()
     ref = pipe.base
     model_path = cfg.score.get("model_path")
     if model_path:
@@ -62,11 +47,11 @@ def score_pool(cfg: DictConfig) -> dict:
     import torch
 
     if world > 1 and torch.cuda.is_available() and str(cfg.score.device) in ("auto", "cuda"):
-        cfg.score.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank
+        cfg.score.device = f"cuda:{distributed.local_rank() % torch.cuda.device_count()}"  # one GPU per rank
     table = pipe.score(ref, "pool")
     summary = {"rank": rank, "world_size": world, "model": ref.name, "n": len(table.ids),
                "store": pipe.store.stats()}
-    if rank == 0:
+    if distributed.is_main():
         print(json.dumps(summary))
     return summary
 
@@ -76,10 +61,7 @@ def main(cfg: DictConfig) -> None:
     try:
         score_pool(cfg)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()
 
 
 if __name__ == "__main__":

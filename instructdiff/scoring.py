@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
-from tqdm.auto import tqdm
 
-from instructdiff.atomic import atomic_open, ensure_dir
-from instructdiff.faults import crash_point
 from instructdiff.render import Rendered
-from instructdiff.rows import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -311,148 +305,6 @@ def _nll_entropy_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_p
     return token_nll, token_ent
 
 
-class ScoreStore:
-    """Signals keyed by (model fingerprint, rendered-pool fingerprint, scoring settings), computed once.
-
-    A finished table is an ``.npz`` written atomically (tmp file + rename) under a file lock, so two
-    jobs asking for the same signal compute it once; a partial table is checkpointed every few batches
-    and a restarted job resumes from it.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = ensure_dir(root, "the score cache (paths.cache_dir)")
-        self.hits = 0
-        self.misses = 0
-        self.passes: list[dict] = []
-
-    def key(self, model_fp: str, pool_fp: str, render_fp: str, kind: str, settings: dict) -> str:
-        return stable_hash({"model": model_fp, "pool": pool_fp, "render": render_fp, "kind": kind,
-                            "settings": settings, "v": SCORING_VERSION})
-
-    def response_path(self, model_fp: str, rendered: list[Rendered], render_fp: str, settings: dict) -> Path:
-        pool_fp = stable_hash([(r.id, len(r.prompt_ids), len(r.completion_ids)) for r in rendered])
-        key = self.key(model_fp, pool_fp, render_fp, "response_stats", settings.get("_key", settings))
-        return self.root / f"{key}.npz"
-
-    def response_stats(self, model_loader, model_fp: str, rendered: list[Rendered], render_fp: str,
-                       settings: dict, desc: str = "scoring") -> ScoreTable:
-        """nll / entropy / n_tokens of every rendered sample; ``model_loader()`` runs only on a miss."""
-        path = self.response_path(model_fp, rendered, render_fp, settings)
-        key = path.stem
-        rank, world = dist_info()
-        if world > 1:
-            return self._distributed(model_loader, rendered, settings, path, key, desc, rank, world)
-        with FileLock(str(path) + ".lock"):
-            if path.exists():
-                self.hits += 1
-                log.info("%s: cache hit %s", desc, path.name)
-                table = self._read(path)
-                # a cached table with NaNs is reported again: this run's user has not seen the first warning
-                report_non_finite(table, desc, str(settings.get("dtype", "fp32")))
-                return table
-            self.misses += 1
-            t0 = time.time()
-            table = self._compute(model_loader(), rendered, settings, path, desc)
-            n_tok = int(sum(len(r.completion_ids) + len(r.prompt_ids) for r in rendered))
-            self.passes.append({"desc": desc, "key": key, "samples": len(rendered), "tokens": n_tok,
-                                "seconds": round(time.time() - t0, 3), "non_finite_ids": table.non_finite_ids()})
-            return table
-
-    def _distributed(self, model_loader, rendered: list[Rendered], settings: dict, path: Path, key: str,
-                     desc: str, rank: int, world: int) -> ScoreTable:
-        """torchrun: rank r scores every world-th sample (after a length sort, so shards cost the same),
-        rank 0 gathers and writes the table; the merged table equals a single process's."""
-        import torch.distributed as dist
-
-        if path.exists():
-            self.hits += 1
-            return self._read(path)
-        self.misses += 1
-        t0 = time.time()
-        order = sorted(range(len(rendered)), key=lambda k: (rendered[k].n_tokens, rendered[k].id))
-        shard = [rendered[k] for k in order[rank::world]]
-        part_path = path.with_name(f"{path.stem}.rank{rank}of{world}.npz")
-        part = (self._read(part_path) if part_path.exists() else
-                self._compute(model_loader(), shard, settings, part_path, f"{desc} [rank {rank}/{world}]"))
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (part.ids, np.stack([part.values[s] for s in RESPONSE_SIGNALS], 1)))
-        if rank == 0:
-            merged = {i: v for ids, vals in gathered for i, v in zip(ids, vals, strict=True)}
-            ids = [r.id for r in rendered]
-            self._write(path, ids, np.stack([merged[i] for i in ids]))
-        dist.barrier()
-        part_path.unlink(missing_ok=True)
-        self.passes.append({"desc": desc, "key": key, "samples": len(rendered), "world_size": world,
-                            "seconds": round(time.time() - t0, 3)})
-        return self._read(path)
-
-    @staticmethod
-    def _read(path: Path) -> ScoreTable:
-        with np.load(path, allow_pickle=False) as z:
-            return ScoreTable([str(i) for i in z["ids"]], {s: z[s].astype(np.float64) for s in RESPONSE_SIGNALS})
-
-    @staticmethod
-    def _write(path: Path, ids: list[str], values: np.ndarray) -> None:
-        with atomic_open(path, "wb", "a score table") as fh:
-            np.savez(fh, ids=np.array(ids), **{s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
-
-    def _compute(self, model, rendered: list[Rendered], settings: dict, path: Path, desc: str) -> ScoreTable:
-        partial = path.with_name(path.stem + ".partial.npz")
-        done: dict[str, np.ndarray] = {}
-        if partial.exists():
-            prev = self._read(partial)
-            done = {i: np.array([prev.values[s][k] for s in RESPONSE_SIGNALS]) for k, i in enumerate(prev.ids)}
-            log.info("%s: resuming, %d of %d samples already scored", desc, len(done), len(rendered))
-        todo = [r for r in rendered if r.id not in done]
-        pad_id = settings.get("pad_id", 0)
-        every = int(settings.get("checkpoint_every", 20))
-        batches = score_pass(model, todo, pad_id, int(settings.get("max_tokens_per_batch", 8192)),
-                             int(settings.get("max_batch_size", 64)), dtype=str(settings.get("dtype", "fp32")),
-                             compile=bool(settings.get("compile", False)))
-        bar = tqdm(total=len(rendered), initial=len(done), desc=desc, unit="sample", dynamic_ncols=True)
-        for n_batch, (batch_idx, vals) in enumerate(batches, 1):
-            for k, v in zip(batch_idx, vals, strict=True):
-                done[todo[k].id] = v
-            bar.update(len(batch_idx))
-            if n_batch % every == 0:
-                ids = list(done)
-                self._write(partial, ids, np.stack([done[i] for i in ids]))
-                crash_point("score.checkpoint")
-        bar.close()
-        ids = [r.id for r in rendered]
-        values = np.stack([done[i] for i in ids]) if ids else np.zeros((0, len(RESPONSE_SIGNALS)))
-        self._write(path, ids, values)
-        partial.unlink(missing_ok=True)
-        table = ScoreTable(ids, {s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
-        report_non_finite(table, desc, str(settings.get("dtype", "fp32")))
-        return table
-
-    def arrays(self, model_fp: str, pool_fp: str, render_fp: str, kind: str, options: dict,
-               compute: Callable[[], dict[str, np.ndarray]], desc: str) -> dict[str, np.ndarray]:
-        """A named signal of any shape (activation tags, embeddings, gradient norms…), computed once.
-
-        ``compute()`` returns arrays whose first axis is the pool order; they are stored as one ``.npz``.
-        """
-        key = self.key(model_fp, pool_fp, render_fp, kind, options)
-        path = self.root / f"{kind}-{key}.npz"
-        with FileLock(str(path) + ".lock"):
-            if path.exists():
-                self.hits += 1
-                log.info("%s: cache hit %s", desc, path.name)
-                with np.load(path, allow_pickle=False) as z:
-                    return {k: z[k] for k in z.files}
-            self.misses += 1
-            t0 = time.time()
-            arrays = compute()
-            with atomic_open(path, "wb", f"the {kind} signal cache") as fh:
-                np.savez(fh, **arrays)
-            self.passes.append({"desc": desc, "key": key, "kind": kind, "seconds": round(time.time() - t0, 3)})
-            return arrays
-
-    def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "passes": self.passes}
-
-
 def report_non_finite(table: ScoreTable, desc: str, dtype: str) -> list[str]:
     """Log (and return) the ids of samples whose NLL or entropy is NaN/inf.
 
@@ -474,3 +326,12 @@ def save_scores_json(path: Path, table: ScoreTable) -> None:
     with open(path, "w") as fh:
         for k, i in enumerate(table.ids):
             fh.write(json.dumps({"id": i, **{s: float(table.values[s][k]) for s in RESPONSE_SIGNALS}}) + "\n")
+
+
+def __getattr__(name: str):
+    # the store is the cache around this engine (instructdiff.score_store); kept importable from here
+    if name == "ScoreStore":
+        from instructdiff.score_store import ScoreStore
+
+        return ScoreStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

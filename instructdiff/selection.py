@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -170,11 +170,22 @@ class SelectionContext:
         return [by_id[i] for i in ids]
 
 
+#: The context handle each ``uses_*`` flag declares. The selection cache key holds the trainer config only for
+#: ``uses_training`` and the query rows only for ``uses_queries``, so a selector that calls an undeclared handle
+#: would be served a stale selection after those inputs change; ``uses_models`` names the scoring model in
+#: results.json. ``declared_context`` enforces the map at run time, tests/test_selector_flags.py checks it both ways.
+HANDLE_FLAGS: dict[str, str] = {"calibrate": "uses_training", "train": "uses_training",
+                                "queries": "uses_queries", "score": "uses_models", "signal": "uses_models"}
+
+
+class UndeclaredHandleError(RuntimeError):
+    """A selector called a context handle whose ``uses_*`` flag it does not set."""
+
+
 class Selector(ABC):
     """Base class of selector plugins; subclasses are instantiated by Hydra from conf/selector/*.yaml."""
 
-    name: str = "selector"
-    #: does the selector score with a model (informational: model-free selectors skip model loading)?
+    #: does it score with a model (ctx.score / ctx.signal)? Then results.json names that model (scoring_model).
     uses_models: bool = False
     #: does it fine-tune models (ctx.calibrate / ctx.train)? Then the trainer config is part of its cache key.
     uses_training: bool = False
@@ -187,6 +198,39 @@ class Selector(ABC):
         self.budget = Budget.from_cfg(budget if budget is not None else {})
         #: conf/model/<name>.yaml of the model this selector scores with; None = the target (base) model
         self.model = model
+        #: the selector's one name: its conf/selector/<name>.yaml (the Hydra choice), set by
+        #: instructdiff.selector_factory.instantiate_selector; results.json, the report and W&B show it. A selector
+        #: built directly in Python has only its class to go by.
+        self.name: str = type(self).__name__
 
     @abstractmethod
     def select(self, ctx: SelectionContext) -> Selection: ...
+
+
+def audited_context(ctx: SelectionContext, on_call: Callable[[str], None]) -> SelectionContext:
+    """A copy of ``ctx`` whose handles (the keys of ``HANDLE_FLAGS``) call ``on_call(handle)`` before they run;
+    handles the pipeline did not provide stay None."""
+
+    def announce(handle: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def called(*args: Any, **kwargs: Any) -> Any:
+            on_call(handle)
+            return fn(*args, **kwargs)
+        return called
+
+    return replace(ctx, **{h: announce(h, getattr(ctx, h)) for h in HANDLE_FLAGS if getattr(ctx, h) is not None})
+
+
+def declared_context(ctx: SelectionContext, selector: Selector) -> SelectionContext:
+    """``ctx`` for ``selector.select``: a handle whose ``uses_*`` flag the selector does not set raises
+    ``UndeclaredHandleError`` instead of running (and so instead of caching a selection under a key that misses
+    what the handle read)."""
+
+    def check(handle: str) -> None:
+        flag = HANDLE_FLAGS[handle]
+        if not getattr(selector, flag):
+            raise UndeclaredHandleError(
+                f"selector {selector.name} ({type(selector).__module__}.{type(selector).__qualname__}) called "
+                f"ctx.{handle} but does not set {flag} = True; set it on the class (or in __init__ when an option "
+                f"decides it) so the selection cache key covers what ctx.{handle} reads")
+
+    return audited_context(ctx, check)

@@ -1,24 +1,97 @@
-"""Multirun glue: the W&B identity of a job (name, group = the sweep, tags = its overrides), the per-stage
-metrics a job logs, and the Hydra callback that prints what to do with a finished sweep.
+"""Multirun glue: short, safe job folder names, the W&B identity of a job (name, group = the sweep, tags = its
+overrides), the per-stage metrics a job logs, and the Hydra callback that names the jobs and prints what to do
+with a finished sweep.
 
-``pipeline.run`` builds its ``Tracker`` with ``**tracker_identity(cfg, run_dir)`` and logs
-``stage_metrics(results)``; ``conf/config.yaml`` registers ``SweepSummary`` under ``hydra.callbacks``.
+``conf/config.yaml`` names job folders ``${hydra.job.num}_${instructdiff.job_dir:selector,seed}`` (the resolver
+is registered when this module is imported) and registers ``SweepSummary`` under ``hydra.callbacks``;
+``pipeline.run`` builds its ``Tracker`` with ``**tracker_identity(cfg, run_dir)`` and logs ``stage_metrics``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from instructdiff.tracking import is_secret_key, mask_secrets
 
 log = logging.getLogger("instructdiff")
 
 # W&B rejects tags longer than this.
 MAX_TAG_LEN = 64
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+# Job folder names: the values of the swept keys (readable) and a hash of all of the job's overrides (unique).
+# Hydra's default, the whole override_dirname, nests folders on a "/" in a path, exceeds the 255-byte name limit
+# on long lists and writes secrets into the name; the full overrides are in each job's .hydra/overrides.yaml.
+JOB_DIR_RESOLVER = "instructdiff.job_dir"
+DEFAULT_LABEL_KEYS = ("selector", "seed")
+DEFAULT_SUBDIR = "${hydra.job.num}_${" + JOB_DIR_RESOLVER + ":" + ",".join(DEFAULT_LABEL_KEYS) + "}"
+MAX_VALUE_LEN = 24
+MAX_LABEL_LEN = 96
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def _label_value(value: str) -> str | None:
+    """A folder-safe short form of an override value: a path by its file name, a list by its items."""
+    value = value.strip().strip("'\"")
+    if not value or "${" in value:  # an interpolation (e.g. a hidden secret): nothing readable to show
+        return None
+    if "/" in value.rstrip("/"):
+        value = Path(value.rstrip("/")).name
+    value = _UNSAFE.sub("-", value).strip("-")
+    return value[:MAX_VALUE_LEN] or None
+
+
+def job_dir_name(overrides: Sequence[str], label_keys: Sequence[str] = DEFAULT_LABEL_KEYS) -> str:
+    """``<selector>_<leaf>=<value>..._<hash>``: the values of ``label_keys`` the job overrides (secret keys
+    never; the selector's choice bare, others by the last component of their key) and 6 hex digits of the
+    sha256 of all its overrides (secret values masked first), which keeps two jobs apart whatever the label
+    leaves out. Only ``[A-Za-z0-9._+=-]``: no "/" (no nesting), no "," or spaces (globs and shells)."""
+    given = {}
+    for ov in overrides:
+        key, sep, value = str(ov).partition("=")
+        if sep:
+            given[key.lstrip("+~")] = value
+    parts = []
+    for key in label_keys:
+        leaf = key.rsplit(".", 1)[-1]
+        value = _label_value(given[key]) if key in given and not is_secret_key(leaf) else None
+        if value is not None:
+            parts.append(value if key == "selector" else f"{leaf}={value}")
+    digest = hashlib.sha256("\n".join(mask_secrets([str(o) for o in overrides])).encode()).hexdigest()[:6]
+    label = "_".join(parts)[:MAX_LABEL_LEN].rstrip("_")
+    return f"{label}_{digest}" if label else digest
+
+
+def _job_dir_resolver(*label_keys: str, _root_: DictConfig) -> str:
+    # the raw override strings: resolving them would turn a hidden secret's oc.env back into its value
+    overrides = OmegaConf.to_container(_root_.hydra.overrides.task, resolve=False)
+    return job_dir_name(overrides, label_keys or DEFAULT_LABEL_KEYS)
+
+
+if not OmegaConf.has_resolver(JOB_DIR_RESOLVER):
+    OmegaConf.register_new_resolver(JOB_DIR_RESOLVER, _job_dir_resolver)
+
+
+def swept_keys(task_overrides: Sequence[str], sweeper_params: dict | None = None) -> list[str]:
+    """The keys a multirun sweeps (command-line sweeps like ``seed=0,1`` and the sweeper's ``params`` of a
+    preset), the selector first and the seed last, as a reader scans a list of job folders."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (sweeper_params or {}).items()]
+    keys: list[str] = []
+    for ov in OverridesParser.create().parse_overrides([*params, *task_overrides]):
+        if ov.is_sweep_override() and ov.key_or_group not in keys:
+            keys.append(ov.key_or_group)
+    return sorted(keys, key=lambda k: (k != "selector", k == "seed"))
 
 
 def _hydra_cfg() -> Any | None:
@@ -69,7 +142,13 @@ def tracker_identity(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     hc = _hydra_cfg()
     if hc is not None:
         exclude = list(hc.job.config.override_dirname.exclude_keys or [])
-        tags += [t for t in override_tags(list(hc.overrides.task), exclude) if t not in tags]
+        # unresolved: a secret hidden as ${oc.env:...} (instructdiff.secret_overrides) stays hidden in the tags
+        task = OmegaConf.to_container(hc.overrides.task, resolve=False)
+        tags += [t for t in override_tags(task, exclude) if t not in tags]
+        # the selector by its one name (its YAML), also when it is the default and no override names it
+        choice = hc.runtime.choices.get("selector")
+        if choice and not any(t.startswith("selector=") for t in tags):
+            tags.append(f"selector={choice}")
         sweep = sweep_dir_of_job(hc)
         if sweep is not None:
             group = sweep_group(sweep)
@@ -102,21 +181,40 @@ def stage_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def offline_wandb_runs(sweep_dir: Path) -> list[Path]:
-    return sorted(p for p in sweep_dir.glob("*/wandb/offline-run-*") if p.is_dir())
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """Every job folder under ``sweep_dir`` (one holding Hydra's ``.hydra/``) at any depth, so that sweeps
+    named by the older layout, where a "/" in an override nested job folders, are found too."""
+    jobs = []
+    for root, dirs, _ in os.walk(sweep_dir):
+        if Path(root, ".hydra").is_dir():
+            jobs.append(Path(root))
+            dirs.clear()  # a job's own files hold no further jobs
+            continue
+        dirs[:] = sorted(d for d in dirs if d not in (".submitit", "wandb", ".hydra"))
+    return sorted(jobs)
+
+
+def offline_wandb_runs(sweep_dir: Path, jobs: list[Path] | None = None) -> list[Path]:
+    jobs = find_jobs(sweep_dir) if jobs is None else jobs
+    return sorted(p for job in jobs for p in job.glob("wandb/offline-run-*") if p.is_dir())
+
+
+def _sync_command(sweep_dir: Path, runs: list[Path]) -> str:
+    if all(r.parent.parent.parent == sweep_dir for r in runs):
+        return f"wandb sync {shlex.quote(str(sweep_dir))}/*/wandb/offline-run-*"
+    return "wandb sync " + " ".join(shlex.quote(str(r)) for r in runs)
 
 
 def sweep_summary_lines(sweep_dir: Path) -> list[str]:
     """What a finished sweep left and the commands that use it: the report and the one `wandb sync` line."""
-    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    jobs = find_jobs(sweep_dir) if sweep_dir.is_dir() else []
     done = sum((p / "results.json").is_file() for p in jobs)
     lines = [f"sweep: {sweep_dir} ({len(jobs)} jobs, {done} with results.json, "
              f"{len(jobs) - done} missing/failed)",
              f"report: instructdiff-report {sweep_dir}"]
-    runs = offline_wandb_runs(sweep_dir)
+    runs = offline_wandb_runs(sweep_dir, jobs)
     if runs:
-        lines.append(f"W&B: {len(runs)} offline runs; upload them all with: "
-                     f"wandb sync {sweep_dir}/*/wandb/offline-run-*")
+        lines.append(f"W&B: {len(runs)} offline runs; upload them all with: {_sync_command(sweep_dir, runs)}")
     return lines
 
 
@@ -127,8 +225,26 @@ except ImportError:  # pragma: no cover - hydra < 1.1 has no callbacks; the pipe
 
 
 class SweepSummary(Callback):
-    """Printed once after every job of a multirun has returned, in the launching process (so also after a
-    joblib or submitit sweep), rather than once per job."""
+    """Names the job folders by what the sweep varies (before the sweeper composes any job) and prints the
+    summary once after every job has returned, in the launching process (so also after a joblib or submitit
+    sweep), rather than once per job."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import open_dict, read_write
+
+        if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") != DEFAULT_SUBDIR:
+            return  # the user chose their own layout
+        task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        params = config.hydra.sweeper.get("params")
+        params = OmegaConf.to_container(params, resolve=False) if params else {}
+        keys = swept_keys(task, params) or list(DEFAULT_LABEL_KEYS)
+        subdir = "${hydra.job.num}_${" + JOB_DIR_RESOLVER + ":" + ",".join(keys) + "}"
+        # Every job is composed again from hydra.overrides.hydra plus its own overrides (and a submitit job
+        # from the pickled copy of this config), so the layout travels as a Hydra override; multirun.yaml,
+        # written after this, records it.
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"hydra.sweep.subdir={subdir}")
+            config.hydra.sweep.subdir = subdir
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:

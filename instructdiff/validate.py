@@ -1,6 +1,6 @@
 """``instructdiff-validate FILE [FILE ...]``: every problem in a pool file, all at once, before a run.
 
-It reads a file exactly as the pipeline does (``data._map_source``: same formats, same detection, same
+It reads a file exactly as the pipeline does (``data.source._map_source``: same formats, same detection, same
 messages) but never stops at the first bad record. A problem is a record the pipeline would refuse or drop:
 malformed JSON or UTF-8, text that is not valid Unicode (a lone ``\\ud800`` surrogate escape, in any field),
 a missing, null or wrong-typed field, an empty instruction, an empty response, a duplicate of an earlier row;
@@ -21,7 +21,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from instructdiff.data import FORMATS, DataError, _check_format, _map_source, drop_reason, resolve_data_path
+from instructdiff.data import FORMATS, DataError, drop_reason, resolve_data_path
+from instructdiff.data.formats import _check_format
+from instructdiff.data.source import _map_source
 
 
 @dataclass
@@ -66,7 +68,7 @@ def validate_file(path: str | Path, fmt: str = "auto") -> FileReport:
         report.path = str(resolved)
         seen: set[str] = set()
         first_seen: dict[str, str] = {}
-        for where, item in _map_source(resolved, fmt):
+        for where, item, _ in _map_source(resolved, fmt):
             report.records += 1
             if isinstance(item, DataError):
                 report.problems.append(_problem(where, item))

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from instructdiff.report import build_report
+from instructdiff.report import Report, build_report
 
 JOB_FILES = ("results.json", "selection.jsonl", "manifest.json")
 HYDRA_FILES = ("overrides.yaml", "config.yaml")
@@ -76,26 +76,33 @@ def pick_profile(runs: Path) -> list[dict]:
     """What each selector's picks look like under InstructDiff's signals: for every seed with an `instructdiff`
     job, the mean ΔH, ΔNLL, base-model NLL and response tokens of each selector's selected rows (same seed,
     same pool), measured with that seed's calibrated model. Rows the selector picked but InstructDiff dropped
-    still have their scores (InstructDiff scores every row before trimming)."""
-    jobs = []
-    for job in sorted(p for p in runs.iterdir() if (p / "selection.jsonl").exists()):
-        overrides = (job / ".hydra" / "overrides.yaml").read_text() if (job / ".hydra" / "overrides.yaml").exists() else ""
-        res = json.loads((job / "results.json").read_text())
-        sel = next((ln.split("=", 1)[1] for ln in overrides.splitlines() if ln.lstrip("- ").startswith("selector=")), "?")
-        extra = [ln.lstrip("- ") for ln in overrides.splitlines() if ln.lstrip("- ").startswith("selector.")
-                 and "budget" not in ln]
-        jobs.append({"dir": job, "selector": sel + (f" [{', '.join(extra)}]" if extra else ""), "seed": res["seed"]})
-    out = []
-    for ref in (j for j in jobs if j["selector"] == "instructdiff"):
-        scores = {r["id"]: r["scores"] for r in _records(ref["dir"])}
-        for job in (j for j in jobs if j["seed"] == ref["seed"]):
-            picked = [r["id"] for r in _records(job["dir"]) if r["status"] == "selected"]
-            row = {"selector": job["selector"], "seed": job["seed"], "n": len(picked)}
+    still have their scores (InstructDiff scores every row before trimming). One row per (selector, seed):
+    jobs that repeat a run (``full`` at several budget fractions) and several `instructdiff` jobs of one seed
+    (one per fraction, the same calibrated model) count once; selectors carry their fraction where the study
+    ran several. Jobs are read the way the report reads them (labels, seeds and fractions from their records)."""
+    jobs = [j for j in Report(runs).ok if (j.path / "selection.jsonl").exists()]
+    several = len({j.fraction for j in jobs if j.selector != "full"}) > 1
+
+    def label(j) -> str:
+        return j.label + (f" @{j.fraction:g}" if several and j.selector != "full" and j.fraction is not None else "")
+
+    out, seen = [], set()
+    for ref in (j for j in jobs if j.label == "instructdiff"):
+        scores = {r["id"]: r["scores"] for r in _records(ref.path)}
+        for job in (j for j in jobs if j.seed == ref.seed):
+            if (label(job), job.seed) in seen:
+                continue
+            seen.add((label(job), job.seed))
+            picked = [r["id"] for r in _records(job.path) if r["status"] == "selected"]
+            row = {"selector": label(job), "seed": job.seed, "n": len(picked)}
             for f in PROFILE_FEATURES:
                 vals = [scores[i][f] for i in picked if i in scores and scores[i].get(f) is not None]
                 row[f] = sum(vals) / len(vals) if vals else None
             out.append(row)
-        row = {"selector": "(whole pool)", "seed": ref["seed"], "n": len(scores)}
+        if ("(whole pool)", ref.seed) in seen:
+            continue
+        seen.add(("(whole pool)", ref.seed))
+        row = {"selector": "(whole pool)", "seed": ref.seed, "n": len(scores)}
         for f in PROFILE_FEATURES:
             vals = [v[f] for v in scores.values() if v.get(f) is not None]
             row[f] = sum(vals) / len(vals) if vals else None
@@ -123,7 +130,8 @@ def write_pick_profile(rows: list[dict], dest: Path) -> None:
             vals = [r[f] for r in rs if r[f] is not None]
             return f"{sum(vals) / len(vals):.4f}" if vals else "—"
 
-        lines.append(f"| {sel} | {len(rs)} | {sum(r['n'] for r in rs) / len(rs):.0f} | {mean('delta_entropy')} | "
+        lines.append(f"| {sel} | {len({r['seed'] for r in rs})} | {sum(r['n'] for r in rs) / len(rs):.0f} | "
+                     f"{mean('delta_entropy')} | "
                      f"{mean('delta_nll')} | {mean('nll_base')} | {mean('response_tokens')} |")
     (dest / "picks.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with open(dest / "picks.csv", "w", encoding="utf-8") as fh:

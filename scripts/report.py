@@ -1,6 +1,6 @@
 """python scripts/report.py <multirun dir> [--out DIR]: same as the `instructdiff-report` console script.
 
-The logic lives in instructdiff/report.py because scripts/ is not a package (a console script cannot point
+The logic lives in the instructdiff/report/ package because scripts/ is not a package (a console script cannot point
 here).
 """
 

@@ -11,12 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.ifd import ifd_rank, ifd_select, ifd_values, middle_ppl_sample
-from baselines.selectit import normalise_probs, selectit_scores, sentence_scores, token_scores
-from baselines.superfiltering import facility_location_greedy, facility_location_select, similarity_matrix
 from instructdiff.pipeline import Pipeline, run
 from instructdiff.selection import Budget
 from instructdiff.signals import SignalInputs
+from instructdiff_baselines.ifd import ifd_rank, ifd_select, ifd_values, middle_ppl_sample
+from instructdiff_baselines.selectit import normalise_probs, selectit_scores, sentence_scores, token_scores
+from instructdiff_baselines.superfiltering import (
+    facility_location_greedy,
+    facility_location_select,
+    similarity_matrix,
+)
 
 STAGES = "pipeline.stages=[calibrate,score,select]"
 
@@ -290,7 +294,7 @@ def test_superfiltering_d_end_to_end(make_cfg, tmp_path, shared_cache, embedding
 def test_ifd_pre_experienced_calibrates_on_cluster_picks(make_cfg, tmp_path):
     results = run(make_cfg("selector=ifd", "selector.pre_experienced=true", "selector.clusters=3",
                            "selector.per_cluster=2", "domain.pool_size=24", "trainer.epochs=1", STAGES))
-    from baselines.ifd import IFDSelector
+    from instructdiff_baselines.ifd import IFDSelector
 
     assert IFDSelector(pre_experienced=True).uses_training and not IFDSelector().uses_training
     pre = results["selection"]["pre_experienced"]

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.less import LESSSelector, checkpoint_weights, less_scores, less_select
 from instructdiff.cost import ModelParams, signal_cost
 from instructdiff.data import load_source
 from instructdiff.pipeline import Pipeline
@@ -32,6 +31,7 @@ from instructdiff.signals.less_grads import (
     warmup_ids,
     warmup_rows,
 )
+from instructdiff_baselines.less import LESSSelector, checkpoint_weights, less_scores, less_select
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.gradfiltering import gradfiltering_select, gsnr
-from baselines.mads import activation_tags, mads_select
 from instructdiff.pipeline import run
 from instructdiff.selection import Budget
+from instructdiff_baselines.gradfiltering import gradfiltering_select, gsnr
+from instructdiff_baselines.mads import activation_tags, mads_select
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

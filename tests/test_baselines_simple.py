@@ -14,15 +14,21 @@ import zlib
 import numpy as np
 import pytest
 
-from baselines.complexity import ComplexitySelector, complexity_bands, complexity_select
-from baselines.length import LengthSelector, length_order
-from baselines.rankings import EntropySelector, PPLSelector, pick_order, rank_select
-from baselines.zip_selector import CompressedPrefix, ZipSelector, compression_ratio, sample_text, zip_order
 from instructdiff.models import ModelRef
 from instructdiff.pipeline import run
 from instructdiff.rows import Row
 from instructdiff.scoring import ScoreTable
 from instructdiff.selection import Budget, SelectionContext
+from instructdiff_baselines.complexity import ComplexitySelector, complexity_bands, complexity_select
+from instructdiff_baselines.length import LengthSelector, length_order
+from instructdiff_baselines.rankings import EntropySelector, PPLSelector, pick_order, rank_select
+from instructdiff_baselines.zip_selector import (
+    CompressedPrefix,
+    ZipSelector,
+    compression_ratio,
+    sample_text,
+    zip_order,
+)
 
 
 def fake_ctx(pool, tokens=None, table=None, seed=0, selector_model=None):

@@ -46,7 +46,7 @@ def test_a_budget_key_typo_names_the_right_key_with_or_without_plus(tmp_path: Pa
 def test_a_missing_pool_file_is_one_line_naming_the_path(tmp_path: Path) -> None:
     proc = _cli(tmp_path, "domain.pool_path=nowhere/my_pool.jsonl", "pipeline.stages=[select]")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "instructdiff: error: data file 'nowhere/my_pool.jsonl' not found; tried" in proc.stderr
+    assert "instructdiff: error: domain.pool_path: data file 'nowhere/my_pool.jsonl' not found; tried" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
@@ -82,3 +82,27 @@ def test_budgets_that_select_nothing_stop_before_any_model_work(make_cfg, tmp_pa
     assert full["selection"]["counts"]["selected"] == 48
     proc = _cli(tmp_path, "selector.budget.count=0", "pipeline.stages=[select]")
     assert proc.returncode == 1 and "selector.budget selects nothing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_explains_the_tool_its_groups_and_the_most_useful_overrides_before_hydras_text(tmp_path: Path) -> None:
+    from instructdiff import CONF_DIR
+
+    proc = subprocess.run([sys.executable, "-m", "instructdiff", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert text.startswith("instructdiff selects the supervised fine-tuning (SFT) data worth training on")
+    # every group with every choice in conf/, as Hydra lists them from the config search path
+    for group in ("domain", "model", "selector", "trainer", "eval", "logger", "pipeline", "experiment", "profile"):
+        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        assert f"\n{group}: {', '.join(choices)}\n" in text, group
+    for launcher in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"):
+        assert launcher.stem in text
+    useful = text.index("== Most useful overrides ==")
+    for override in ("selector=random", "domain=medical", "domain.pool_path=my.jsonl", "selector.budget.fraction=0.2",
+                     "pipeline.stages=[calibrate,score,select]", "-m selector=instructdiff,random seed=0,1",
+                     "+profile=cpu", "experiment=smoke"):
+        assert text.index(override, useful) > useful, override
+    # then Hydra's own flags, without the 100-line config dump of Hydra's default help
+    assert useful < text.index("--multirun,-m : Run multiple jobs") < text.index("Powered by Hydra")
+    assert "== Config ==" not in text and "max_tokens_per_batch" not in text

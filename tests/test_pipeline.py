@@ -37,7 +37,13 @@ def test_end_to_end_writes_every_artifact_and_rerun_hits_every_cache(make_cfg, t
 
     subset = _jsonl(run_dir / "subset.jsonl")
     assert len(subset) == len(selected)
-    assert set(subset[0]) == {"question", "answer"}  # the input's own (GSM8K) format
+    assert set(subset[0]) - {"_instructdiff"} == {"question", "answer"}  # the input's own (GSM8K) format
+    by_id = {r["id"]: r for r in selection}
+    for rec in subset:  # subset -> selection by id, and both -> the input file's line
+        tag = rec["_instructdiff"]
+        assert by_id[tag["id"]]["status"] == "selected" and by_id[tag["id"]]["line"] == tag["line"]
+        line = Path(tag["file"]).read_text().splitlines()[tag["line"] - 1]
+        assert json.loads(line) == {k: v for k, v in rec.items() if k != "_instructdiff"}
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["selection"]["counts"]["selected"] == len(selected)
@@ -114,7 +120,12 @@ def test_user_pool_with_token_budget(make_cfg, tmp_path):
                            "pipeline.stages=[select]"))
     assert results["selection"]["n_pool"] == 30
     subset = _jsonl(tmp_path / "run" / "subset.jsonl")
-    assert set(subset[0]) == {"instruction", "input", "response"}
+    assert set(subset[0]) == {"instruction", "input", "response", "_instructdiff"}
+    lines = pool.read_text().splitlines()
+    for rec in subset:  # every chosen row traced back to its line in the user's file
+        assert rec["_instructdiff"]["file"] == str(pool.resolve())
+        own = {k: v for k, v in rec.items() if k != "_instructdiff"}
+        assert json.loads(lines[rec["_instructdiff"]["line"] - 1]) == own
 
 
 def test_wandb_offline_run_is_written(make_cfg, tmp_path):
@@ -260,3 +271,58 @@ def test_response_end_is_its_own_selection_and_changes_the_scores(make_cfg, tmp_
     assert manifest["pool"]["response_end"] == "include"
     with pytest.raises(ValueError, match="score.response_end"):
         run(make_cfg(stages, "score.response_end=maybe", run_name="bad"))
+
+
+def test_each_stage_opens_once_with_its_place_among_the_enabled_stages(make_cfg, tmp_path, caplog):
+    """The stage runner logs "stage k/N: <name>" the first time a stage runs (k: its place in calibrate, score,
+    select, train, eval among this run's N stages); a cached rerun opens only the stages it asks for."""
+    import logging
+
+    from instructdiff.pipeline import Pipeline, Prepared
+
+    def stage_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage ")]
+
+    cfg = make_cfg("pipeline.stages=[calibrate,score,select]")
+    pipe = Pipeline(cfg, tmp_path / "run")
+    prepared = pipe.prepare()
+    assert isinstance(prepared, Prepared) and prepared.pool == pipe.pool and prepared.base == pipe.base
+    with caplog.at_level(logging.INFO, logger="instructdiff"):
+        run(cfg)
+    # the selector opens select, then asks for its calibration and scores inside it
+    assert stage_lines() == ["stage 3/3: select", "stage 1/3: calibrate", "stage 2/3: score"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="instructdiff"):
+        run(make_cfg("pipeline.stages=[calibrate,score,select]", run_name="again"))
+    assert stage_lines() == ["stage 3/3: select"]  # the cached selection needs nothing else
+
+
+def test_a_stage_time_leaves_out_the_stages_timed_inside_it():
+    import time
+
+    from instructdiff.stages import Timer
+
+    timer = Timer()
+    with timer.stage("select"):
+        time.sleep(0.05)
+        with timer.stage("score"):
+            time.sleep(0.2)
+    assert timer.seconds["score"] >= 0.2
+    assert 0.05 <= timer.seconds["select"] < 0.2  # its own time: with the score stage's it would be >= 0.25
+
+
+def test_the_framework_imports_no_selector_plugin():
+    """instructdiff/ is the framework, baselines/ its plugins: no module of the first imports the second (the
+    complexity-aware training rows are found through conf/selector/complexity.yaml instead)."""
+    import ast
+
+    from instructdiff import PROJECT_ROOT
+
+    plugins = ("baselines", "instructdiff_baselines")
+    found = []
+    for path in sorted((PROJECT_ROOT / "instructdiff").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in plugins]
+    assert found == []

@@ -12,7 +12,6 @@ import pytest
 from scipy import stats
 
 from instructdiff.report import (
-    _fmt_gain,
     build_report,
     lower_is_better,
     main,
@@ -20,6 +19,7 @@ from instructdiff.report import (
     paired_verdict,
     primary_metric,
 )
+from instructdiff.report.fmt import fmt_gain as _fmt_gain
 
 BPB, ACC = "t_bpb/bits_per_byte", "t/acc"
 

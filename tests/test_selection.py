@@ -11,7 +11,7 @@ from instructdiff.models import ModelRef
 from instructdiff.rows import Row
 from instructdiff.scoring import ScoreTable
 from instructdiff.selection import Budget, Selection, SelectionContext
-from instructdiff.selector import InstructDiffSelector, instructdiff_select
+from instructdiff_baselines.instructdiff_selector import InstructDiffSelector, instructdiff_select
 
 # ------------------------------------------------------------------------------------------ the hand-made case
 # 20 finite rows r00..r19. ΔNLL extremes: lowest r01 (-3.0), r07 (-2.5); highest r04 (4.0), r11 (3.0).

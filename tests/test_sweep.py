@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,10 +34,14 @@ from instructdiff.report import (
 )
 from instructdiff.selection import Selector
 from instructdiff.sweep import (
+    DEFAULT_SUBDIR,
+    find_jobs,
+    job_dir_name,
     override_tags,
     stage_metrics,
     sweep_group,
     sweep_summary_lines,
+    swept_keys,
     tracker_identity,
 )
 
@@ -163,6 +168,15 @@ def test_tracker_identity_groups_a_multirun_job_by_its_sweep(multirun_job_hydra)
     assert ident["tags"] == ["domain=math", "model=tiny", "seed=1", "selector=random", "eval.tasks=[a,b]"]
 
 
+def test_tracker_identity_tags_the_default_selector_by_its_yaml_name(tmp_path):
+    cfg = _compose(["model=tiny"])  # no selector override: the default, instructdiff
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert "selector=instructdiff" in tracker_identity(cfg, tmp_path / "run")["tags"]
+    finally:
+        HydraConfig.instance().cfg = None
+
+
 def test_tracker_identity_outside_a_sweep_keeps_the_domain_group(tmp_path):
     cfg = _compose(["model=tiny"])
     assert tracker_identity(cfg, tmp_path / "run") == {
@@ -197,6 +211,51 @@ def test_sweep_summary_prints_one_wandb_sync_line(tmp_path):
     assert "2 jobs, 1 with results.json, 1 missing/failed" in lines[0]
     assert lines[1] == f"report: instructdiff-report {tmp_path}"
     assert lines[2].endswith(f"wandb sync {tmp_path}/*/wandb/offline-run-*")
+
+
+def test_sweep_summary_finds_jobs_nested_by_the_old_layout_and_lists_their_wandb_runs(tmp_path):
+    """Before short job names, domain.pool_path=/data/my.jsonl nested a job three folders deep ("0 jobs")."""
+    nested = tmp_path / "0_domain.pool_path=" / "data" / "my.jsonl,selector=random"
+    flat = tmp_path / "1_length_0a1b2c"
+    for job in (nested, flat):
+        (job / ".hydra").mkdir(parents=True)
+        (job / "results.json").write_text("{}")
+        (job / "wandb" / "offline-run-1").mkdir(parents=True)
+    (tmp_path / ".submitit" / "123" / ".hydra").mkdir(parents=True)  # submitit's own files are no job
+    assert find_jobs(tmp_path) == [nested, flat]
+    lines = sweep_summary_lines(tmp_path)
+    assert "(2 jobs, 2 with results.json, 0 missing/failed)" in lines[0]
+    assert lines[2] == (f"W&B: 2 offline runs; upload them all with: wandb sync "
+                        f"{nested}/wandb/offline-run-1 {flat}/wandb/offline-run-1")
+
+
+def test_job_folder_names_are_short_and_safe_whatever_the_overrides_hold():
+    secret = "hunter2-SECRET"
+    overrides = ["selector=random", "domain.pool_path=/data/users/me/my pool.jsonl", f"+wandb.api_key={secret}",
+                 "pipeline.stages=[calibrate,score,select]", "selector.budget.fraction=0.05", "seed=1",
+                 "eval.tasks=[" + ",".join(f"task_{k}" for k in range(200)) + "]"]
+    keys = ["selector", "domain.pool_path", "wandb.api_key", "pipeline.stages", "selector.budget.fraction", "seed",
+            "eval.tasks"]
+    name = job_dir_name(overrides, keys)
+    assert re.fullmatch(r"[A-Za-z0-9._+=-]+", name) and len(name) <= 110
+    assert name.startswith("random_pool_path=my-pool.jsonl_stages=calibrate-score-select_fraction=0.05_seed=1_")
+    assert secret not in name and "api_key" not in name
+    # the hash keeps apart jobs that differ outside the label, and does not depend on the secret's value
+    assert job_dir_name(overrides, ["selector"]) != job_dir_name([*overrides[:-1], "eval.tasks=[a]"], ["selector"])
+    assert job_dir_name(overrides, keys) == job_dir_name([o.replace(secret, "other") for o in overrides], keys)
+    assert re.fullmatch(r"[0-9a-f]{6}", job_dir_name(["+hf_token=x"], ["hf_token"]))
+
+
+def test_the_sweep_layout_is_the_default_and_labels_what_the_sweep_varies():
+    cfg = _compose([])
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == DEFAULT_SUBDIR
+    assert swept_keys(["model=tiny", "seed=0,1", "domain.pool_path=/a.jsonl", "selector=random,length"],
+                      {"selector.budget.fraction": "0.1,0.2", "trainer.epochs": "2"}) == [
+        "selector", "selector.budget.fraction", "seed"]
+    # the label of a preset's jobs
+    table = _compose(["experiment=data_fraction"])
+    assert swept_keys([], OmegaConf.to_container(table.hydra.sweeper.params)) == [
+        "selector", "selector.budget.fraction", "seed"]
 
 
 # -- statistics ---------------------------------------------------------------------------------------------
@@ -303,7 +362,7 @@ def _multirun(tmp_path: Path, cache: Path) -> Path:
            f"selector.budget.fraction={','.join(FRACTIONS)}", f"seed={','.join(map(str, SEEDS))}",
            "domain.pool_size=32",
            # one optimiser step per row (the first is warmup at LR 0): calibration moves the model and
-           # ΔH, ΔNLL are not all zero. Few overrides: each goes into the job's directory name (<= 255 bytes).
+           # ΔH, ΔNLL are not all zero.
            "trainer.per_device_batch_size=1", "trainer.gradient_accumulation_steps=1",
            "trainer.learning_rate=3e-3",
            f"paths.output_root={out}", f"paths.cache_dir={cache}"]
@@ -421,7 +480,7 @@ def test_parallel_and_cluster_launchers_run_a_real_sweep(tmp_path, tiny_model_ca
         results = json.loads((job / "results.json").read_text())
         selectors.add(results["selector"])
         assert results["eval"]["trained"]["metrics"]["id_gsm8k_bpb/bits_per_byte"] > 0
-    assert selectors == {"RandomSelector", "LengthSelector"}
+    assert selectors == {"random", "length"}  # results.json names a selector by its conf/selector YAML
     if launcher == "id_submitit_local":
         assert list((sweep / ".submitit").glob("*/*_submitted.pkl")), "jobs did not go through submitit"
     rep = build_report(sweep)

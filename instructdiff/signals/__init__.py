@@ -4,14 +4,19 @@ A signal is a function ``fn(inputs: SignalInputs, options: dict) -> dict[str, np
 the pool order on their first axis. Selectors ask for one by name with ``ctx.signal(model, name, **options)``;
 they never run models themselves. Register a new signal by adding ``name: "module:function"`` to ``SIGNALS``
 (imported lazily so heavy dependencies load only when asked for).
+
+Beside its compute function, each signal module declares what the signal costs:
+``work(options, rendered, params) -> SignalWork``, the model passes it makes over the rendered rows for a model
+of ``params`` (instructdiff.cost.ModelParams). ``instructdiff.cost.signal_cost`` prices that work in FLOPs by
+one rule for all signals; the module never computes FLOPs itself, so every signal is counted alike.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,3 +64,57 @@ def get_signal(name: str) -> Callable[[SignalInputs, dict], dict[str, np.ndarray
         raise KeyError(f"unknown signal {name!r}; known: {sorted(SIGNALS)}")
     module, func = SIGNALS[name].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+# -- what a signal costs ---------------------------------------------------------------------------------------
+class Training(NamedTuple):
+    """Forward + backward passes over ``tokens`` tokens, ``epochs`` times over; LoRA when ``lora_params`` is set
+    (the adapters' parameter count: only their weight gradients are computed)."""
+
+    tokens: int
+    epochs: float
+    lora_params: int | None = None
+
+
+@dataclass(frozen=True)
+class SignalWork:
+    """The model passes a signal makes, as its module's ``work`` declares them. ``estimated=False``: no estimate
+    (``rule`` says why); the cost records the gap instead of a guess."""
+
+    tokens: int | None                      # tokens (prompt + response) of the rows the signal reads
+    rule: str                               # what was counted, one line (results.json's cost events show it)
+    forward_tokens: int = 0                 # tokens through forward-only passes of the model
+    trainings: tuple[Training, ...] = ()    # forward + backward passes
+    other_flops: float = 0.0                # arithmetic outside the model (LESS: its random projections)
+    estimated: bool = True
+
+
+def all_tokens(rendered: Sequence[Rendered]) -> int:
+    return int(sum(len(r.prompt_ids) + len(r.completion_ids) for r in rendered))
+
+
+def prompt_tokens(rendered: Sequence[Rendered]) -> int:
+    return int(sum(len(r.prompt_ids) for r in rendered))
+
+
+def forward_over_all(rendered: Sequence[Rendered]) -> SignalWork:
+    """One forward pass over prompt + response of every row: the work of most signals."""
+    t = all_tokens(rendered)
+    return SignalWork(tokens=t, forward_tokens=t, rule="forward over prompt + response")
+
+
+def forward_over_prompts(rendered: Sequence[Rendered]) -> SignalWork:
+    t = prompt_tokens(rendered)
+    return SignalWork(tokens=t, forward_tokens=t, rule="forward over prompts")
+
+
+def signal_work(name: str, options: dict, rendered: Sequence[Rendered], params: Any) -> SignalWork:
+    """The work the registered signal ``name`` declares (its module's ``work``) for these rows and options."""
+    if name not in SIGNALS:
+        raise KeyError(f"unknown signal {name!r}; known: {sorted(SIGNALS)}")
+    module = importlib.import_module(SIGNALS[name].split(":")[0])
+    work = getattr(module, "work", None)
+    if work is None:
+        raise NotImplementedError(f"signal {name}: {module.__name__} declares no work(options, rendered, params); "
+                                  "add one beside its compute function (instructdiff/signals/__init__.py)")
+    return work(options, rendered, params)

@@ -26,6 +26,7 @@ aggregated activations of those neurons (for weighted / thresholded variants), i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructdiff.scoring import length_batches
+from instructdiff.signals import SignalWork, forward_over_all, forward_over_prompts
 
 #: module-name suffixes whose *input* is the MLP intermediate activation, in order of preference
 MLP_OUTPUT_SUFFIXES = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2")
@@ -165,3 +167,10 @@ def resolve_layers(layers: Any, n_layers: int) -> list[int]:
     if not ids or len(set(ids)) != len(ids):
         raise ValueError(f"activations: layers must be distinct and non-empty, got {list(layers)}")
     return ids
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    """One forward pass per row: over the prompt alone for tokens=prompt, else over prompt + response."""
+    if str(options.get("tokens", "response")) == "prompt":
+        return forward_over_prompts(rendered)
+    return forward_over_all(rendered)

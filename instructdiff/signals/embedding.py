@@ -21,12 +21,16 @@ embedding, a one-token text a NaN nll.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from instructdiff.render import user_message
 from instructdiff.scoring import _decoder_and_head, _head_fp32, pad_right
+from instructdiff.signals import SignalWork, forward_over_all, forward_over_prompts
 
 TEXTS = ("prompt", "instruction", "full")
 MAX_TOKENS_PER_BATCH = 4096
@@ -115,3 +119,11 @@ def compute(inputs, options: dict) -> dict[str, np.ndarray]:
     pad_id = int(pad_id if pad_id is not None else 0)
     emb, nll = embed_sequences(inputs.model, seqs, pad_id, desc=f"embedding ({text})")
     return {"embedding": emb, "nll": nll, "n_tokens": np.array([len(s) for s in seqs], dtype=np.int64)}
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    """text=full: one forward over prompt + response. Otherwise the instruction alone, which is the prompt
+    without the chat template around it: the prompt's token count bounds it from above."""
+    if options.get("text", "prompt") == "full":
+        return forward_over_all(rendered)
+    return forward_over_prompts(rendered)

@@ -49,7 +49,8 @@ import torch
 from tqdm.auto import tqdm
 
 from instructdiff.scoring import _decoder_and_head
-from instructdiff.signals.lora_grads import detect_target_modules
+from instructdiff.signals import SignalWork, Training, all_tokens
+from instructdiff.signals.lora_grads import attention_targets, detect_target_modules
 
 ADAM_BETAS = (0.9, 0.999)  # AdamW's defaults, the reference's adamw_torch and its hard-coded β1, β2
 ADAM_EPS = 1e-8
@@ -397,3 +398,18 @@ def compute(inputs: Any, options: dict) -> dict[str, np.ndarray]:
     return {**out, "is_query": is_query, "in_warmup": np.array([r.id in warm_ids for r in rendered], dtype=bool),
             "checkpoint_lr": np.tile(np.array([ck.lr for ck in ckpts], dtype=np.float64), (n, 1)),
             "checkpoint_epoch": np.tile(np.array([ck.epoch for ck in ckpts], dtype=np.int64), (n, 1))}
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    """The LoRA warm-up on its seeded slice, then under each kept checkpoint one gradient pass of every row (pool
+    and queries) and its projection to d dims (a P_lora × d matmul, 2·P_lora·d per row). Raises without a seed
+    in ``options``: the slice, and so the warm-up's tokens, depend on it."""
+    o = resolve_options(options)
+    p_lora = params.lora(o["lora_r"], list(o["target_modules"] or attention_targets({n for n, _, _ in params.linears})))
+    warm, n_ckpt = warmup_rows(rendered, o), len(o["kept_epochs"])
+    return SignalWork(
+        tokens=all_tokens(rendered),
+        trainings=(Training(all_tokens(warm), o["epochs"], p_lora), Training(all_tokens(rendered), n_ckpt, p_lora)),
+        other_flops=n_ckpt * len(rendered) * 2.0 * p_lora * (o["projection_dim"] or 0),
+        rule=f"LoRA warm-up ({o['epochs']} epochs × {len(warm)} rows) + {n_ckpt} checkpoints × "
+             f"(gradient pass + projection) of {len(rendered)} rows")

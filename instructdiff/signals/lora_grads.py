@@ -31,11 +31,14 @@ GradFiltering selector transposes to (M, 2, N).)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from instructdiff.signals import SignalWork, Training, all_tokens
 
 #: (module names that must all exist, LoRA target list), in order of preference
 ATTENTION_TARGETS = ((("q_proj", "v_proj"), ["q_proj", "v_proj"]), (("c_attn",), ["c_attn"]),
@@ -44,7 +47,12 @@ ATTENTION_TARGETS = ((("q_proj", "v_proj"), ["q_proj", "v_proj"]), (("c_attn",),
 
 def detect_target_modules(model: Any) -> list[str]:
     """The attention projections present in ``model`` (LoRA targets), by module-name suffix."""
-    leaf_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return attention_targets({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()})
+
+
+def attention_targets(leaf_names: set[str]) -> list[str]:
+    """The LoRA targets among a model's leaf module names (``detect_target_modules`` for a loaded model, the cost
+    estimate for a model's parameter shapes)."""
     for needed, targets in ATTENTION_TARGETS:
         if all(x in leaf_names for x in needed):
             return list(targets)
@@ -154,3 +162,14 @@ def compute(inputs: Any, options: dict) -> dict[str, np.ndarray]:
                 model = peft_model.unload()
     bar.close()
     return {"grad_norms": norms, "losses": losses}
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    """Each member trains ``epochs`` epochs over the rows, then takes a gradient of every row twice (early and
+    late): (epochs + 2) LoRA forward + backward passes over all tokens per member."""
+    members, epochs = int(options.get("members", 4)), int(options.get("epochs", 3))
+    targets = options.get("target_modules") or attention_targets({name for name, _, _ in params.linears})
+    p_lora = params.lora(int(options.get("lora_r", 8)), list(targets))
+    t = all_tokens(rendered)
+    return SignalWork(tokens=t, trainings=(Training(t, members * (epochs + 2), p_lora),),
+                      rule=f"{members} LoRA members × ({epochs} epochs + 2 gradient passes)")

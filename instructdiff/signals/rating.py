@@ -19,12 +19,16 @@ Returns ``probs`` (N, n_prompts, 5) float64: raw softmax probabilities (not reno
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from instructdiff.render import user_message
 from instructdiff.scoring import _decoder_and_head, _head_fp32, pad_right
+from instructdiff.signals import SignalWork, all_tokens
 
 DIGITS = ("1", "2", "3", "4", "5")
 ANSWER_CUE = "The answer is: "
@@ -112,3 +116,10 @@ def compute(inputs, options: dict) -> dict[str, np.ndarray]:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     probs = last_position_probs(inputs.model, seqs, token_ids, int(pad_id))
     return {"probs": probs.reshape(len(inputs.rows), len(prompts), len(DIGITS))}
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    """One forward pass of every row per rating prompt; the prompt's own words are not counted."""
+    k = len(options.get("prompts") or [None])
+    t = all_tokens(rendered) * k
+    return SignalWork(tokens=t, forward_tokens=t, rule=f"{k} forward passes (one per rating prompt)")

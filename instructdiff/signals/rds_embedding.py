@@ -18,11 +18,15 @@ over any row list: the pipeline asks for it over the pool and, with ``rows=``, o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from instructdiff.scoring import _decoder_and_head, pad_right
+from instructdiff.signals import SignalWork, forward_over_all
 from instructdiff.signals.embedding import _batches
 
 WEIGHTINGS = ("position", "mean")
@@ -74,3 +78,7 @@ def compute(inputs, options: dict) -> dict[str, np.ndarray]:
     pad_id = inputs.tokenizer.pad_token_id
     emb = pooled_hidden_states(inputs.model, seqs, int(pad_id if pad_id is not None else 0), weighting)
     return {"embedding": emb, "n_tokens": np.array([len(s) for s in seqs], dtype=np.int64)}
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    return forward_over_all(rendered)

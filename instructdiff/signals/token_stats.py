@@ -3,11 +3,14 @@ response: for analyses and selectors that weight tokens (e.g. only the final ans
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from tqdm.auto import tqdm
 
 from instructdiff.scoring import score_pass
-from instructdiff.signals import SignalInputs
+from instructdiff.signals import SignalInputs, SignalWork, forward_over_all
 
 
 def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
@@ -28,3 +31,7 @@ def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
             bar.update(len(idx))
     lengths = np.array([len(r.completion_ids) for r in rendered], dtype=np.int32)
     return {"nll": nll, "entropy": ent, "n_tokens": lengths}
+
+
+def work(options: dict, rendered: Sequence[Any], params: Any) -> SignalWork:
+    return forward_over_all(rendered)

@@ -68,11 +68,13 @@ def test_every_selector_accounts_for_every_input_row(tmp_path, tiny_model_cache)
         assert acc["selected"] > 0, job.name
 
 
-def test_pool_size_subsample_is_counted_as_not_in_pool_sample(make_cfg, tmp_path) -> None:
+def test_pool_size_subsample_is_counted_as_not_drawn_not_as_dropped(make_cfg, tmp_path) -> None:
     results = run(make_cfg("selector=random", "domain.pool_size=20", "pipeline.stages=[select]"))
     acc = json.loads((tmp_path / "run" / "manifest.json").read_text())["accounting"]
     assert acc["balanced"] and acc["input_rows"] == 7473  # the whole GSM8K train file was read
-    assert acc["dropped_reasons"] == {"not_in_pool_sample": 7453}
+    # rows the pool_size draw left out are good rows never drawn into the pool, not bad rows dropped
+    assert acc["dropped_reasons"] == {} and acc["dropped"] == 0
+    assert acc["not_drawn"] == 7453 == results["selection"]["not_drawn"]
     assert acc["selected"] + acc["not_selected"] == 20 == results["selection"]["n_pool"]
 
 

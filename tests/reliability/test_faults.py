@@ -210,8 +210,10 @@ def test_full_disk_gives_a_clear_message_and_no_half_written_file(tmp_path, tiny
            f"hydra.run.dir={tmp_path / 'hydra'}", "hydra.output_subdir=null"]  # Hydra's own files are not ours
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(),
                        preexec_fn=_file_size_limit(limit))
-    assert r.returncode != 0
-    assert "OutputError: cannot write" in r.stderr and "disk is full" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1
+    # one line naming the path and the cause (issue 14: no traceback for a file-system problem)
+    assert "instructdiff: error: cannot write" in r.stderr and "disk is full" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert_nothing_torn(cache, run_dir)
     leftovers = [p for p in [*cache.rglob("*"), *run_dir.rglob("*")] if ".tmp" in p.name]
     assert not leftovers, leftovers  # the failed temporary is removed, not left to fill the disk further

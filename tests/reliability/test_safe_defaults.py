@@ -29,6 +29,7 @@ from instructdiff.evaluate import CODE_OFF, _skip_reason, eval_settings
 from instructdiff.lm_eval_tasks import utils
 from instructdiff.models import load_model, load_tokenizer, resolve_model
 from instructdiff.pipeline import run
+from instructdiff.secret_overrides import hide_secret_overrides
 from instructdiff.tracking import mask_hydra_outputs, mask_secrets
 
 SECRET = "SUPERSECRET-3f9a1c"
@@ -267,3 +268,30 @@ def test_mask_hydra_outputs_rewrites_only_files_with_secrets(tmp_path) -> None:
     assert mask_hydra_outputs(tmp_path) == [hydra_dir / "config.yaml"]
     assert SECRET not in (hydra_dir / "config.yaml").read_text()
     assert pickle.dumps(OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml")))  # still valid YAML
+
+
+def test_secret_overrides_reach_hydra_only_as_environment_interpolations() -> None:
+    env: dict[str, str] = {}
+    argv = ["-m", "selector=random,length", f"+wandb.api_key={SECRET}", f"hydra.job.env_set.HF_TOKEN='{SECRET}'",
+            f"+logger.token={SECRET}-a,{SECRET}-b", "model.num_key_value_heads=2", "+db.password=${oc.env:PW}",
+            "--cfg", "job", "domain.pool_path=/data/my.jsonl"]
+    out = hide_secret_overrides(argv, env)
+    assert SECRET not in " ".join(out)
+    assert out[:2] == argv[:2] and out[5:] == argv[5:]  # options, non-secret and non-text values untouched
+    assert out[2] == "+wandb.api_key=${oc.env:INSTRUCTDIFF_SECRET_WANDB_API_KEY}"
+    assert env["INSTRUCTDIFF_SECRET_WANDB_API_KEY"] == SECRET
+    assert env["INSTRUCTDIFF_SECRET_HYDRA_JOB_ENV_SET_HF_TOKEN"] == SECRET  # Hydra's quotes are not part of it
+    # a sweep over secrets stays a sweep, one variable per value
+    assert out[4] == ("+logger.token=${oc.env:INSTRUCTDIFF_SECRET_LOGGER_TOKEN_0},"
+                      "${oc.env:INSTRUCTDIFF_SECRET_LOGGER_TOKEN_1}")
+    assert env["INSTRUCTDIFF_SECRET_LOGGER_TOKEN_1"] == f"{SECRET}-b"
+    # what Hydra composes from the rewritten override is the real value, in memory
+    os.environ.update(env)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["model=tiny", out[2]])
+        assert cfg.wandb.api_key == SECRET
+        assert OmegaConf.to_container(cfg, resolve=False)["wandb"]["api_key"].startswith("${oc.env:")
+    finally:
+        for k in env:
+            os.environ.pop(k, None)

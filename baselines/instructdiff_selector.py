@@ -62,7 +62,6 @@ def instructdiff_select(ids: list[str], delta_nll: np.ndarray, delta_entropy: np
 
 
 class InstructDiffSelector(Selector):
-    name = "instructdiff"
     uses_models = True
     uses_training = True
 

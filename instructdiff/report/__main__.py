@@ -1,0 +1,3 @@
+from instructdiff.report.cli import main
+
+raise SystemExit(main())
