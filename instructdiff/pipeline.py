@@ -48,7 +48,7 @@ from instructdiff.score_store import ScoreStore
 from instructdiff.scoring import ScoreTable
 from instructdiff.selection import Selection, SelectionContext, Selector, declared_context
 from instructdiff.selector_factory import instantiate_selector
-from instructdiff.stages import STAGE_VERSIONS, STAGES, StageNotEnabled, StageRunner
+from instructdiff.stages import STAGE_VERSIONS, STAGES, StageNotEnabled, StageRunner, Timer
 from instructdiff.tracking import Tracker
 
 __all__ = ["STAGES", "Pipeline", "Prepared", "StageNotEnabled", "print_summary", "resolve_run_dir", "run"]
@@ -275,27 +275,10 @@ class Pipeline:
 
     # -- whole run -----------------------------------------------------------------------------------
     def prepare(self) -> Prepared:
-        """Load and render the pool, resolve the base model: what every stage needs."""
-        cfg = self.cfg
-        # every rank reads and renders for itself; a bad file or setting seen by one rank stops them all with
-        # its message (fail_together), and no collective may sit inside those blocks
-        with self.runner.timer.stage("data"):
-            with distributed.fail_together("reading the pool"):
-                rows, report = load_pool(cfg.domain, self.pool_seed)
-            base = resolve_model(cfg.model, self.cache)  # built once, by rank 0 under a group (cache_check)
-            with distributed.fail_together("rendering the pool"):
-                tokenizer = load_tokenizer(base)
-                renderer = Renderer(tokenizer, **self.render_cfg)
-                rendered, render_dropped = render_pool(renderer, rows)
-        kept = {r.id for r in rendered}
-        pool = [r for r in rows if r.id in kept]
+        """Load and render the pool, resolve the base model: what every stage needs (``prepare_pool``)."""
         self.scorer = None
-        self.prepared = Prepared(rows, report, base, tokenizer, renderer, renderer.fingerprint, rendered,
-                                 render_dropped, pool, fingerprint_rows(pool),
-                                 {r.id: len(r.completion_ids) for r in rendered})
-        log.info(f"pool: {len(pool)} rows ({report.n_read} read, {len(report.dropped)} dropped on load, "
-                 f"{len(render_dropped)} dropped by the renderer)")
-        if not pool:
+        self.prepared = prepare_pool(self.cfg, self.cache, self.render_cfg, self.pool_seed, self.runner.timer)
+        if not self.prepared.pool:
             raise ValueError("every pool row was dropped; see the reasons above")
         return self.prepared
 
@@ -356,6 +339,27 @@ class Pipeline:
         """selection.jsonl and subset.jsonl (instructdiff.run_outputs.write_selection); keeps the accounting."""
         self.accounting = distributed.main_first(
             lambda: write_selection(self.run_dir, self.need_prepared(), selection, load_dropped, rows))
+
+
+def prepare_pool(cfg: DictConfig, cache: Path, render_cfg: dict, pool_seed: int, timer: Timer) -> Prepared:
+    """The pool as read and as rendered, and the base model, timed as the "data" stage.
+
+    Every rank reads and renders for itself: a bad file or setting seen by one rank stops them all with its
+    message (``fail_together``), so no collective may sit inside those blocks."""
+    with timer.stage("data"):
+        with distributed.fail_together("reading the pool"):
+            rows, report = load_pool(cfg.domain, pool_seed)
+        base = resolve_model(cfg.model, cache)  # built once, by rank 0 under a group (cache_check.serve)
+        with distributed.fail_together("rendering the pool"):
+            tokenizer = load_tokenizer(base)
+            renderer = Renderer(tokenizer, **render_cfg)
+            rendered, render_dropped = render_pool(renderer, rows)
+    kept = {r.id for r in rendered}
+    pool = [r for r in rows if r.id in kept]
+    log.info(f"pool: {len(pool)} rows ({report.n_read} read, {len(report.dropped)} dropped on load, "
+             f"{len(render_dropped)} dropped by the renderer)")
+    return Prepared(rows, report, base, tokenizer, renderer, renderer.fingerprint, rendered, render_dropped, pool,
+                    fingerprint_rows(pool), {r.id: len(r.completion_ids) for r in rendered})
 
 
 def _check_selection_doc(doc: dict) -> None:

@@ -3,7 +3,8 @@
     open      "stage k/N: <name>" the first time the stage runs (k: its place among this run's N enabled stages)
     serve     a valid cache entry is read without a lock (instructdiff.cache_check); otherwise, under the
               entry's file lock, looked at again (another job may have just published it), else computed and
-              published atomically with its checksum and fingerprint
+              published atomically with its checksum and fingerprint; under several processes rank 0 alone
+              reads, locks and publishes, and decides hit or miss for every rank (cache_check.serve_in_group)
     log       "[stage] cached, skipping: …" or "[stage] computing: …", decided under the lock, so a job that
               waited for another's result never says it computed it
     check     a stage left out of pipeline.stages whose output is not cached stops the run (StageNotEnabled)

@@ -4,8 +4,8 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_workers.py OUT_DIR CACHE_DIR N_ROWS ...
 
 trains the tiny model with ``instructdiff.train.train_sft`` on the first N_ROWS pool rows into OUT_DIR/model
-and writes OUT_DIR/rank<r>.json (the stats this rank got back). ``helpers_worker`` is the target of
-``torch.multiprocessing.spawn`` for the rank-helper tests.
+and writes OUT_DIR/rank<r>.json (the stats this rank got back). ``helpers_worker`` and ``serve_worker`` are
+targets of ``torch.multiprocessing.spawn`` for the rank-helper and cache-serving tests.
 """
 
 from __future__ import annotations
@@ -83,6 +83,86 @@ def helpers_worker(rank: int, world: int, port: int, out: str) -> None:
     seen["broadcast"] = distributed.broadcast(f"from rank {rank}")
     distributed.barrier()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
+    distributed.destroy()
+
+
+def serve_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Cache entries served by a 2-process gloo group (instructdiff.cache_check.serve_in_group); what each rank saw
+    goes to out/serve<r>.json and every compute() call to out/computed.txt as "<entry> <rank>". A rank left
+    waiting in a collective fails after a minute instead of hanging the test."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "INSTRUCTDIFF_DIST_TIMEOUT_MIN": "1"})
+    from filelock import FileLock, Timeout
+
+    from instructdiff import distributed
+    from instructdiff.cache_check import BadEntry, Entry, serve
+
+    distributed.init()
+    root = Path(out)
+    seen: dict = {}
+
+    def entry(name: str, together: bool, read=None, compute=None, lock: bool = True) -> Entry:
+        path = root / f"{name}.json"
+
+        def publish() -> dict:
+            with open(root / "computed.txt", "a") as fh:
+                fh.write(f"{name} {rank}\n")
+            value = {"name": name, "by": rank}
+            if together:
+                distributed.barrier()  # a collective inside compute: both ranks must be in it
+                if rank == 1:  # rank 0 holds the entry's lock for the group meanwhile
+                    try:
+                        FileLock(f"{path}.lock", timeout=0).acquire()
+                        seen[f"{name}_lock_free"] = True
+                    except Timeout:
+                        seen[f"{name}_lock_free"] = False
+            if distributed.is_main():
+                path.write_text(json.dumps(value))
+            return value
+
+        return Entry(path, read or (lambda: json.loads(path.read_text())), compute or publish,
+                     root / f"{name}.json.lock" if lock else None, together=together)
+
+    hooks: dict[str, list] = {}
+
+    def opened(name: str):
+        return lambda hit: hooks.setdefault(name, []).append(hit)
+
+    # rank 0 computes, both get its value; then both are served the cached entry
+    seen["main_first"] = serve(entry("main", False), opened("main"))
+    seen["main_again"] = serve(entry("main", False), opened("main"))
+    # every rank computes together while rank 0 holds the lock
+    seen["together"] = serve(entry("together", True), opened("together"))
+    # the entry looks cached to rank 1 but damaged to rank 0: rank 0 decides, so both compute (rank 1 deciding
+    # for itself would skip the compute and its collective, and rank 0 would wait in it for ever)
+    (root / "split.json").write_text(json.dumps({"name": "split", "by": "old"}))
+
+    def split_read() -> dict:
+        if rank == 0:
+            raise BadEntry("is corrupt", "damaged as rank 0 sees it")
+        return json.loads((root / "split.json").read_text())
+
+    seen["split"] = serve(entry("split", True, read=split_read), opened("split"))
+
+    # an entry served while rank 0 computes another one alone: it must not wait on the waiting rank 1
+    def outer() -> dict:
+        value = {"inner": serve(entry("inner", False))[0]}
+        (root / "outer.json").write_text(json.dumps(value))
+        return value
+
+    seen["nested"] = serve(entry("outer", False, compute=outer), opened("outer"))
+
+    # rank 0 failing to compute: its own error there, the message on rank 1
+    def fails() -> dict:
+        raise OSError("disk full while publishing")
+
+    try:
+        serve(entry("fails", False, compute=fails))
+    except BaseException as e:  # noqa: BLE001 - the test asserts on what each rank raised
+        seen["fails"] = f"{type(e).__name__}: {e}"
+    seen["hooks"] = hooks
+    distributed.barrier()
+    (root / f"serve{rank}.json").write_text(json.dumps(seen))
     distributed.destroy()
 
 

@@ -153,6 +153,45 @@ def test_rank_helpers_on_a_two_process_gloo_group(tmp_path):
     assert r0["broadcast"] == r1["broadcast"] == "from rank 0"
 
 
+def test_cache_entries_served_by_a_two_process_group(tmp_path):
+    """Rank 0 decides hit or miss for the group and alone holds the lock; a together entry is computed by both
+    ranks, any other by rank 0 while rank 1 waits for it; nothing hangs (mp.spawn would never return)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(WORKERS.parent))
+    from dist_workers import serve_worker
+
+    mp.spawn(serve_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"serve{r}.json").read_text()) for r in (0, 1))
+    computed = (tmp_path / "computed.txt").read_text().split()
+    assert sorted(zip(computed[::2], computed[1::2], strict=True)) == sorted(
+        [("main", "0"), ("together", "0"), ("together", "1"), ("split", "0"), ("split", "1"), ("inner", "0")])
+    assert r0["main_first"] == r1["main_first"] == [{"name": "main", "by": 0}, False]
+    assert r0["main_again"] == r1["main_again"] == [{"name": "main", "by": 0}, True]
+    # each rank keeps what it computed; rank 1 tried the lock inside the block and found rank 0 holding it
+    assert (r0["together"], r1["together"]) == ([{"name": "together", "by": 0}, False],
+                                                [{"name": "together", "by": 1}, False])
+    assert r1["together_lock_free"] is False and r1["split_lock_free"] is False
+    assert r0["split"][1] is r1["split"][1] is False  # rank 0's view of the damaged entry decided: a miss
+    assert r0["nested"] == r1["nested"] == [{"inner": {"name": "inner", "by": 0}}, False]
+    assert r0["fails"] == "OSError: disk full while publishing"
+    assert r1["fails"] == "RankFailure: rank 0 failed: OSError: disk full while publishing"
+    # every rank told the stage hooks the same story (the run's events and cache counters agree)
+    assert r0["hooks"] == r1["hooks"] == {"main": [False, True], "together": [False], "split": [False],
+                                          "outer": [False]}
+
+
+def test_epochs_done_counts_the_global_batch_of_every_process():
+    """With max_steps, the passes a training made are steps × the global batch it recorded (all its processes)."""
+    from instructdiff.cost import epochs_done
+
+    cfg = {"max_steps": 3, "per_device_batch_size": 1, "gradient_accumulation_steps": 2}
+    assert epochs_done(cfg, {"n_samples": 12, "steps": 3, "global_batch_size": 4}) == 1.0  # 1 × 2 × 2 processes
+    assert epochs_done(cfg, {"n_samples": 12, "steps": 3}) == 0.5  # recorded before it was: one process's 1 × 2
+
+
 def test_slurm_tasks_get_their_rank_and_one_rendezvous(own_environ):
     """What srun gives the 16 tasks of a 2-node job becomes torch's env:// variables, the same rendezvous for all."""
     seen = []
@@ -228,7 +267,10 @@ def test_the_slurm_multi_node_recipe_builds_its_sbatch_job(tmp_path, monkeypatch
                  "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu"):
         assert line in sbatch.splitlines(), f"{line} missing from\n{sbatch}"
     assert "--gpus-per-task" not in sbatch  # every task must see all of its node's GPUs (cuda:LOCAL_RANK)
-    assert any(ln.startswith("srun ") for ln in sbatch.splitlines())
+    lines = sbatch.splitlines()
+    srun = next(k for k, ln in enumerate(lines) if ln.startswith("srun "))
+    # a dead rank ends its job's other tasks (srun --kill-on-bad-exit), exported before srun runs
+    assert "export SLURM_KILL_BAD_EXIT=1" in lines[:srun], sbatch
 
 
 # -- training -------------------------------------------------------------------------------------------------
