@@ -148,29 +148,37 @@ class ScoreStore:
     def _compute(self, model, rendered: list[Rendered], settings: dict, path: Path, fingerprint: dict,
                  desc: str) -> ScoreTable:
         partial = path.with_name(path.stem + ".partial.npz")
-        done: dict[str, np.ndarray] = {}
+        # One preallocated (rows x signals) float64 array filled by pool position: memory is the output itself
+        # (32 bytes a row), not a small array per row that keeps its batch's array alive (issue 15: ~550 B/row).
+        ids = [r.id for r in rendered]
+        position = {i: k for k, i in enumerate(ids)}
+        values = np.full((len(ids), len(RESPONSE_SIGNALS)), np.nan)
+        filled = np.zeros(len(ids), dtype=bool)
         prev = self._resume(partial, fingerprint)
         if prev is not None:
-            done = {i: np.array([prev.values[s][k] for s in RESPONSE_SIGNALS]) for k, i in enumerate(prev.ids)}
-            log.info("%s: resuming, %d of %d samples already scored", desc, len(done), len(rendered))
-        todo = [r for r in rendered if r.id not in done]
+            for k, i in enumerate(prev.ids):
+                if i in position:
+                    values[position[i]] = [prev.values[s][k] for s in RESPONSE_SIGNALS]
+                    filled[position[i]] = True
+            log.info("%s: resuming, %d of %d samples already scored", desc, int(filled.sum()), len(rendered))
+        todo = [r for r in rendered if not filled[position[r.id]]]
         pad_id = settings.get("pad_id", 0)
         every = int(settings.get("checkpoint_every", 20))
         batches = score_pass(model, todo, pad_id, int(settings.get("max_tokens_per_batch", 8192)),
                              int(settings.get("max_batch_size", 64)), dtype=str(settings.get("dtype", "fp32")),
                              compile=bool(settings.get("compile", False)))
-        bar = tqdm(total=len(rendered), initial=len(done), desc=desc, unit="sample", dynamic_ncols=True)
+        bar = tqdm(total=len(rendered), initial=int(filled.sum()), desc=desc, unit="sample", dynamic_ncols=True)
         for n_batch, (batch_idx, vals) in enumerate(batches, 1):
             for k, v in zip(batch_idx, vals, strict=True):
-                done[todo[k].id] = v
+                at = position[todo[k].id]
+                values[at] = v
+                filled[at] = True
             bar.update(len(batch_idx))
             if n_batch % every == 0:
-                ids = list(done)
-                self._write(partial, ids, np.stack([done[i] for i in ids]), fingerprint)
+                done_at = np.flatnonzero(filled)
+                self._write(partial, [ids[k] for k in done_at], values[done_at], fingerprint)
                 crash_point("score.checkpoint")
         bar.close()
-        ids = [r.id for r in rendered]
-        values = np.stack([done[i] for i in ids]) if ids else np.zeros((0, len(RESPONSE_SIGNALS)))
         self._write(path, ids, values, fingerprint)
         partial.unlink(missing_ok=True)
         table = ScoreTable(ids, {s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})

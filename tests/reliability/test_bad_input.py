@@ -222,7 +222,10 @@ def test_lone_surrogates_in_a_run_stop_it_or_are_dropped_and_every_file_round_tr
     source = (CORPUS / "lone_surrogates.jsonl").read_text().splitlines()
     valid = [json.loads(source[n - 1]) for n in (1, 7, 9)]  # every valid record, written back untouched
     key = lambda rec: json.dumps(rec, sort_keys=True)  # noqa: E731
-    assert sorted(_jsonl(run_dir / "subset.jsonl"), key=key) == sorted(valid, key=key)
+    subset = _jsonl(run_dir / "subset.jsonl")
+    own = [{k: v for k, v in rec.items() if k != "_instructdiff"} for rec in subset]
+    assert sorted(own, key=key) == sorted(valid, key=key)
+    assert sorted(rec["_instructdiff"]["line"] for rec in subset) == [1, 7, 9]  # each traced to its line
     sel = _jsonl(run_dir / "selection.jsonl")
     assert len(sel) == 9 and sum(r["reason"].startswith("bad_row") for r in sel if r["status"] == "dropped") == 6
 
