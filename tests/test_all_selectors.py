@@ -37,7 +37,7 @@ def _diff_to_golden(selector: str, got: list[dict], want: list[dict]) -> list[st
     problems = []
     if [r["id"] for r in got] != [r["id"] for r in want]:
         return [f"{selector}: row ids or their order differ"]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):  # same length: the ids matched above
         for k in PINNED:
             if g[k] != w[k]:
                 problems.append(f"{selector} row {g['id']}: {k} {g[k]!r} != pinned {w[k]!r}")
