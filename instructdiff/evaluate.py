@@ -11,6 +11,9 @@ It returns and writes to ``work_dir/eval_results.json``::
      "unchecked": {"<task>": {"prompts": n, "instructions": m, "reason": "..."}},
      "settings":  {...}}                          # resolved settings, e.g. whether the chat template was used
 
+Launched as several processes (torchrun, SLURM tasks) every rank runs its share of the items, lm-eval's own
+data-parallel split, and returns rank 0's result; rank 0 alone writes (``make_lm``, ``evaluate_model``).
+
 Prompts follow the training renderer: with a chat template the task's user turn goes through it (lm-eval's
 ``apply_chat_template``); without one, through the Alpaca template the trainer falls back to.
 """
@@ -24,6 +27,7 @@ import logging
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,8 +142,12 @@ def _resolve_chat(setting: Any, tokenizer: Any) -> bool:
 _LM_CLASS = None
 
 
-def make_lm(model: Any, tokenizer: Any, batch_size: int):
-    """HFLM over an already-loaded model, with the tokenizer always given (else it asks the Hub)."""
+def make_lm(model: Any, tokenizer: Any, batch_size: int, rank: int = 0, world_size: int = 1):
+    """HFLM over an already-loaded model, with the tokenizer always given (else it asks the Hub).
+
+    ``rank`` / ``world_size`` > 1 (the joined process group's): lm-eval's data-parallel mode, in which every rank
+    runs every ``world_size``-th item of each task and rank 0 gathers the per-item metrics and aggregates them.
+    Every rank must then call ``simple_evaluate`` with the same tasks; it returns None on the other ranks."""
     global _LM_CLASS
     if _LM_CLASS is None:
         from lm_eval.models.huggingface import HFLM
@@ -153,11 +161,72 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int):
             then not be the likelihood of the reference alone, nor what training optimised.
             """
 
+            def __init__(self, *args: Any, rank: int = 0, world_size: int = 1, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._group = (int(rank), int(world_size))
+
             def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
                 return self.tok_encode(context), self.tok_encode(continuation, add_special_tokens=False)
 
+            # Data-parallel. lm-eval's evaluator splits each task's items by ``lm.rank`` / ``lm.world_size`` and
+            # gathers the metrics with ``lm.gather_object`` (torch.distributed); HFLM reports the group, and
+            # makes the Accelerator its ``all_gather`` / ``barrier`` go through, only for a model it loads itself
+            # from a path, ranking by the node-local index (one node). Here the group is the joined one (global
+            # ranks, any number of nodes) and the two collectives use it directly: object collectives, which work
+            # on gloo and NCCL whatever device the model is on, and need no Accelerate state besides TRL's.
+            @property
+            def rank(self) -> int:
+                return self._group[0]
+
+            @property
+            def world_size(self) -> int:
+                return self._group[1]
+
+            def all_gather(self, tensor: Any) -> Any:
+                """Every rank's ``tensor`` concatenated along dim 0 (a scalar counts as one element), as
+                ``Accelerator.gather`` returns it; lm-eval gathers request counts with it."""
+                if self.world_size <= 1:
+                    return tensor
+                import torch
+
+                parts: list[Any] = [None] * self.world_size
+                torch.distributed.all_gather_object(parts, tensor.detach().cpu())
+                return torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts]).to(tensor.device)
+
+            def barrier(self) -> None:
+                if self.world_size > 1:
+                    from instructdiff import distributed
+
+                    distributed.barrier()
+
+            # lm-eval's generation bar moves once per batch (eval_console): this one moves per item
+            _item_bar = None
+
+            def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+                from instructdiff.eval_console import generation_bar
+
+                bar = generation_bar(len(requests), disable=disable_tqdm or self.rank != 0)
+                self._item_bar = None if bar.disable else bar
+                try:
+                    return super().generate_until(requests, disable_tqdm=True)
+                finally:
+                    self._item_bar = None
+                    bar.close()
+
+            def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any):
+                if self._item_bar is not None:
+                    from instructdiff.eval_console import ItemProgress
+
+                    generation_kwargs["streamer"] = ItemProgress(self._item_bar, self.tokenizer, stop,
+                                                                 max_length - context.shape[1])
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
         _LM_CLASS = SplitEncodingHFLM
-    return _LM_CLASS(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
+    from instructdiff.eval_console import quiet_repeated_logs
+
+    quiet_repeated_logs()  # before HFLM's own warnings
+    return _LM_CLASS(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), rank=rank,
+                     world_size=world_size)
 
 
 def _skip_reason(task: str, output_type: str, settings: dict[str, Any]) -> str | None:
@@ -221,10 +290,22 @@ def _write(result: dict[str, Any], path: Path) -> None:
 def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "auto",
                    publish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the configured tasks on ``ref``; see the module docstring for the returned dict. ``publish(result)``
-    writes it instead of ``work_dir/eval_results.json`` (the pipeline's eval cache records a checksum with it)."""
+    writes it instead of ``work_dir/eval_results.json`` (the pipeline's eval cache records a checksum with it).
+
+    In a joined process group every rank must call this: each evaluates its share of the items (lm-eval's
+    data-parallel mode, ``make_lm``), every rank returns rank 0's result, and only rank 0 writes into
+    ``work_dir``; ``publish`` is called on every rank (it may hold a collective) and must write on rank 0 only."""
+    from instructdiff import distributed
+
+    rank, world = (distributed.rank(), distributed.world_size()) if distributed.joined() else (0, 1)
+    if rank != 0:
+        from instructdiff.eval_console import quiet_other_ranks
+
+        quiet_other_ranks(rank)
     settings = eval_settings(eval_cfg)
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        work_dir.mkdir(parents=True, exist_ok=True)
     known = task_output_types()
     unknown = [t for t in settings["tasks"] if t not in known]
     if unknown:
@@ -242,25 +323,46 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
                           "task_files": task_files_fingerprint()}
 
     if to_run:
-        tokenizer = load_tokenizer(ref)
-        chat = _resolve_chat(settings["apply_chat_template"], tokenizer)
-        task_dir = render_tasks(work_dir / "tasks", "chat" if chat else "alpaca")
-        result["settings"].update(apply_chat_template=chat, prompt_style="chat" if chat else "alpaca")
-        model = load_model(ref, settings["dtype"], device)
-        # Generation costs ~100x a log-likelihood item on a CPU, so it gets its own limit.
-        gen_limit = settings["generation_limit"] if settings["generation_limit"] is not None else settings["limit"]
-        groups = [([t for t in to_run if known[t] != "generate_until"], settings["limit"], False),
-                  ([t for t in to_run if known[t] == "generate_until"], gen_limit, True)]
+        # the other ranks render the task files for themselves: only rank 0 writes into the cache
+        scratch = tempfile.TemporaryDirectory(prefix="instructdiff-eval-") if rank != 0 else None
+        model = None
+        lms: dict[bool, Any] = {}
         try:
-            lm = make_lm(model, tokenizer, settings["batch_size"])
-            for tasks, limit, generates in groups:
-                if tasks:
-                    out = _simple_evaluate(lm, tasks, task_dir, {**settings, "limit": limit}, chat, generates)
-                    _collect(out, tasks, result)
+            # no collective in here: a rank that cannot load stops every rank before lm-eval's collectives
+            with distributed.fail_together(f"loading {ref.name} for evaluation"):
+                tokenizer = load_tokenizer(ref)
+                chat = _resolve_chat(settings["apply_chat_template"], tokenizer)
+                task_dir = render_tasks(Path(scratch.name if scratch else work_dir) / "tasks",
+                                        "chat" if chat else "alpaca")
+                model = load_model(ref, settings["dtype"], device)
+            result["settings"].update(apply_chat_template=chat, prompt_style="chat" if chat else "alpaca")
+            # Generation costs ~100x a log-likelihood item on a CPU, so it gets its own limit.
+            gen_limit = settings["generation_limit"] if settings["generation_limit"] is not None else settings["limit"]
+            groups = [([t for t in to_run if known[t] != "generate_until"], settings["limit"], False),
+                      ([t for t in to_run if known[t] == "generate_until"], gen_limit, True)]
+            # an error once lm-eval's collectives are behind every rank (aggregating, collecting) reaches them all
+            with distributed.fail_together(f"evaluating {ref.name}"):
+                for tasks, limit, generates in groups:
+                    if not tasks:
+                        continue
+                    split = _splits(limit, settings, world)
+                    if not split and rank != 0:
+                        continue
+                    if split not in lms:
+                        lms[split] = make_lm(model, tokenizer, settings["batch_size"],
+                                             *((rank, world) if split else (0, 1)))
+                    out = _simple_evaluate(lms[split], tasks, task_dir, {**settings, "limit": limit}, chat,
+                                           generates)
+                    if rank == 0:
+                        _collect(out, tasks, result)
         finally:
+            lms.clear()
             del model
             gc.collect()
             _empty_cuda_cache()
+            if scratch is not None:
+                scratch.cleanup()
+        result = distributed.broadcast(result) if world > 1 else result
 
     if any(t in CODE_TASKS for t in to_run):
         from instructdiff.lm_eval_tasks import utils
@@ -269,21 +371,38 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
     from instructdiff.faults import crash_point
 
     crash_point("eval.publish")
-    if publish is None:
-        _write(result, work_dir / "eval_results.json")
-    else:
+    if publish is not None:
         publish(result)
+    elif rank == 0:
+        _write(result, work_dir / "eval_results.json")
     log.info("eval %s: %s (skipped: %s)", ref.name, result["metrics"], sorted(result["skipped"]))
     return result
 
 
+def _splits(limit: int | None, settings: dict[str, Any], world: int) -> bool:
+    """Whether a group of tasks runs data-parallel over ``world`` processes, or on rank 0 alone.
+
+    lm-eval gives rank r the items r, r + world, ...: a rank left with no item of a task fails in lm-eval (it
+    reads the task's first request), so fewer items than processes run on rank 0. Few-shot prompts too: lm-eval
+    draws each rank's examples from one generator in that rank's item order, so they would depend on the
+    number of processes, and so would the metrics."""
+    if world <= 1 or settings["num_fewshot"]:
+        return False
+    return limit is None or int(limit) >= world
+
+
 def _simple_evaluate(lm: Any, tasks: list[str], task_dir: Path, settings: dict[str, Any], chat: bool,
-                     generates: bool) -> dict[str, Any]:
-    import lm_eval
+                     generates: bool) -> dict[str, Any] | None:
+    # lm_eval.evaluator itself, not `lm_eval.simple_evaluate`: that imports the module (and makes its logger)
+    # only when called, after the filter below was attached
+    from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
+    from instructdiff.eval_console import quiet_repeated_logs
+
+    quiet_repeated_logs()  # again: the lm-eval modules imported since have their own loggers
     seed = int(settings["seed"])
-    out = lm_eval.simple_evaluate(
+    out = evaluator.simple_evaluate(
         model=lm,
         tasks=tasks,
         # include_defaults=False: indexing lm-eval's thousands of built-in tasks costs seconds and none is used.
@@ -303,7 +422,7 @@ def _simple_evaluate(lm: Any, tasks: list[str], task_dir: Path, settings: dict[s
         fewshot_random_seed=seed,
         confirm_run_unsafe_code=bool(settings["allow_code_execution"]),
     )
-    if out is None:  # lm-eval returns None on its non-zero ranks; this HFLM wraps a loaded model, so it has none
+    if out is None and lm.rank == 0:  # lm-eval returns None on its other ranks only
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     return out
 
@@ -323,6 +442,7 @@ def cached_evaluation(runner: Any, cache: Path, ref: ModelRef, label: str, eval_
     (``count_forward_tokens``) and kept beside the result, for the FLOPs of a later cache hit."""
     from omegaconf import OmegaConf
 
+    from instructdiff import distributed
     from instructdiff.cache_check import CORRUPT, BadEntry, Entry, read_json, write_json
     from instructdiff.cost import count_forward_tokens, forward_flops
     from instructdiff.rows import stable_hash
@@ -342,15 +462,19 @@ def cached_evaluation(runner: Any, cache: Path, ref: ModelRef, label: str, eval_
         return read_json(result_path, fingerprint, check), (read_json(cost_path, fingerprint)
                                                             if cost_path.exists() else None)
 
+    counted: dict[str, int] = {}
+
     def compute() -> tuple[dict, dict]:
         with count_forward_tokens() as counter:
-            def publish(result: dict) -> None:  # the counts first: the result marks the entry done
-                write_json(cost_path, {"tokens": counter.tokens, "calls": counter.calls}, fingerprint,
-                           "eval token counts")
-                write_json(result_path, result, fingerprint, "eval results", sort_keys=True)
+            def publish(result: dict) -> None:  # on every rank; the counts first: the result marks the entry done
+                # each rank ran the model on its share of the items: the entry records the group's work
+                counted.update(tokens=_group_sum(counter.tokens), calls=_group_sum(counter.calls))
+                if distributed.is_main():
+                    write_json(cost_path, counted, fingerprint, "eval token counts")
+                    write_json(result_path, result, fingerprint, "eval results", sort_keys=True)
 
             result = evaluate_model(ref, OmegaConf.create(eval_cfg), out, device=device, publish=publish)
-        return result, {"tokens": counter.tokens}
+        return result, {"tokens": counted["tokens"]}
 
     def estimate(params: Any, value: tuple[dict, dict | None]) -> dict:
         measured = value[1]
@@ -360,11 +484,24 @@ def cached_evaluation(runner: Any, cache: Path, ref: ModelRef, label: str, eval_
         return {"tokens": measured["tokens"], "rule": "measured forward positions",
                 "flops_uncached": forward_flops(params.forward, measured["tokens"])}
 
-    # Under several processes this entry is served by rank 0 alone, the others waiting for its result
-    # (cache_check.serve_in_group): evaluation does not run data-parallel. lm-eval's own data-parallel mode
-    # needs ``pretrained`` as a path (its HFLM then makes its own Accelerator), one GPU per process and a
-    # single node (it ranks by local process index), and gathers only on its rank 0; the HFLM here wraps a
-    # model already loaded, so lm-eval sees one process (rank 0, world size 1) on CPU, GPU, one node or many.
+    # Under several processes (a joined group) every rank evaluates its share of the items (lm-eval's
+    # data-parallel mode, evaluate_model) while rank 0 alone holds the lock, publishes the entry and decides
+    # hit or miss for all (cache_check.serve_in_group, a ``together`` entry); every rank returns rank 0's result.
+    together = distributed.joined()
     (result, _), _ = runner.run("eval", f"{label} model evaluation", key,
-                                Entry(result_path, read, compute, Path(f"{out}.lock")), ref, estimate)
+                                Entry(result_path, read, compute, Path(f"{out}.lock"), together=together),
+                                ref, estimate)
     return result
+
+
+def _group_sum(n: int) -> int:
+    """``n`` summed over the joined process group (``n`` itself for one process); every rank must call it."""
+    from instructdiff import distributed
+
+    if not distributed.joined():
+        return n
+    import torch.distributed as dist
+
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(n))
+    return sum(counts)

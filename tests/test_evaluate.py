@@ -151,6 +151,74 @@ def test_bpb_is_the_likelihood_of_the_reference_tokens_alone(tiny_ref: ModelRef)
                                                                             rel=1e-4)
 
 
+def test_two_evaluations_in_one_process_print_each_lm_eval_line_once(tiny_ref: ModelRef, tmp_path: Path,
+                                                                       caplog, monkeypatch) -> None:
+    import logging
+
+    from instructdiff import eval_console
+
+    monkeypatch.setattr(eval_console._ONCE, "seen", set())  # earlier tests in this process printed them already
+    caplog.set_level(logging.INFO)
+    cfg = _eval_cfg(tasks=["id_gsm8k_bpb", "id_gsm8k"], limit=1, generation_limit=1, max_gen_toks=2, batch_size=1)
+    first = evaluate_model(tiny_ref, cfg, tmp_path / "a", device="cpu")
+    second = evaluate_model(tiny_ref, cfg, tmp_path / "b", device="cpu")
+    assert first["metrics"] == second["metrics"]
+
+    def count(logger: str, text: str) -> int:
+        return sum(r.name == logger and text in r.getMessage() for r in caplog.records)
+
+    # HFLM's two warnings about a pre-loaded model, the generation_kwargs warning, the seed line: once each
+    assert count("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`") == 1
+    assert count("lm_eval.models.huggingface", "Passed an already-initialized model") == 1
+    assert count("lm_eval.evaluator", "generation_kwargs: {'max_gen_toks': 2} specified through cli") == 1
+    assert count("lm_eval.evaluator", "Setting random seed to 0") == 1
+    # keyed by the text: a line naming the other work directory is new, so it is printed
+    assert count("lm_eval.evaluator_utils", f"Task: id_gsm8k_bpb ({tmp_path / 'a'}") == 1
+    assert count("lm_eval.evaluator_utils", f"Task: id_gsm8k_bpb ({tmp_path / 'b'}") == 1
+
+
+def test_generation_progress_ticks_per_item_and_leaves_the_generations_unchanged(tiny_ref: ModelRef,
+                                                                                  monkeypatch) -> None:
+    """Three items in one batch of 3 reach their stop sequence at different steps: the bar ticks three times,
+    once each, mid-batch (lm-eval's own bar would tick 3 at once when the batch ends)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
+
+    from instructdiff import eval_console
+
+    updates: list[tuple[int, str]] = []
+
+    class RecordingBar(tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            updates.append((n, self.postfix))
+            return super().update(n)
+
+    monkeypatch.setattr(eval_console, "generation_bar",
+                        lambda total, disable: RecordingBar(total=total, disable=disable))
+    tok, model = load_tokenizer(tiny_ref), load_model(tiny_ref, "float32", "cpu")
+    # the random tiny model repeats one character per prompt: "?", "." and "\n"
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompts = ["What is 7 + 5?", "Name a colour.", chat]
+
+    def requests(until: list[str]) -> list:
+        return [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": 16}), i)
+                for i, p in enumerate(prompts)]
+
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3)
+    for until in (["??", "....", "\n\n\n\n\n\n"], ["<never>"]):
+        updates.clear()
+        ours = make_lm(model, tok, batch_size=3).generate_until(requests(until))
+        assert ours == stock.generate_until(requests(until), disable_tqdm=True)
+        if until == ["<never>"]:
+            assert [n for n, _ in updates] == [3]  # no item stops early: all three when the batch ends
+            assert all(len(o) > 0 for o in ours)
+            continue
+        steps = [int(postfix.split("/")[0]) for _, postfix in updates]
+        assert [n for n, _ in updates] == [1, 1, 1]
+        assert steps == sorted(set(steps)) and steps[-1] < 16, steps  # one by one, before the batch ended
+
+
 def test_code_tasks_are_skipped_with_the_reason_when_execution_is_off(tmp_path: Path) -> None:
     result = evaluate_model(NO_MODEL, _eval_cfg(tasks=["id_humaneval", "id_mbpp"]), tmp_path)
     assert result["skipped"] == {"id_humaneval": CODE_OFF, "id_mbpp": CODE_OFF}
