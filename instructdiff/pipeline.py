@@ -359,7 +359,7 @@ def prepare_pool(cfg: DictConfig, cache: Path, render_cfg: dict, pool_seed: int,
     log.info(f"pool: {len(pool)} rows ({report.n_read} read, {len(report.dropped)} dropped on load, "
              f"{len(render_dropped)} dropped by the renderer)")
     return Prepared(rows, report, base, tokenizer, renderer, renderer.fingerprint, rendered, render_dropped, pool,
-                    fingerprint_rows(pool), {r.id: len(r.completion_ids) for r in rendered})
+                    fingerprint_rows(pool), {r.id: r.n_completion for r in rendered})
 
 
 def _check_selection_doc(doc: dict) -> None:

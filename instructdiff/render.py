@@ -19,7 +19,8 @@ completion (scored and trained).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterable
 from typing import Any
 
 from instructdiff.rows import Row, stable_hash
@@ -41,17 +42,60 @@ PLAIN_TEMPLATES = {
 }
 
 
-@dataclass(frozen=True)
 class Rendered:
-    id: str
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    #: trailing completion tokens that close the turn (``<|im_end|>`` + newline, or EOS), not the response text
-    n_end: int = 0
+    """One rendered row: its id, prompt and completion token ids, and ``n_end`` (the trailing completion tokens
+    that close the turn, ``<|im_end|>`` + newline or EOS, not the response text).
+
+    The ids are held packed, one immutable buffer of 32-bit integers for prompt and completion together (4 bytes
+    a token, against 36 for a list entry and its int object), because the whole pool stays rendered through every
+    pass over it (issue 15: 1.5 kB a row as lists). ``prompt_ids`` / ``completion_ids`` / ``token_ids`` return
+    fresh lists of Python ints, equal to the ones the row was built from; ``n_prompt`` / ``n_completion`` give
+    their lengths without building them. Immutable, like the frozen dataclass it replaces.
+    """
+
+    __slots__ = ("id", "_packed", "n_prompt", "n_completion", "n_end")
+
+    def __init__(self, id: str, prompt_ids: Iterable[int], completion_ids: Iterable[int], n_end: int = 0) -> None:
+        packed = array(_TOKEN_CODE)
+        try:
+            packed.extend(prompt_ids)
+            n_prompt = len(packed)
+            packed.extend(completion_ids)
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"row {id}: token ids must be integers that fit a C int ({e})") from e
+        self._set(id, packed.tobytes(), n_prompt, len(packed) - n_prompt, int(n_end))
+
+    def _set(self, id: str, packed: bytes, n_prompt: int, n_completion: int, n_end: int) -> None:
+        for name, value in (("id", id), ("_packed", packed), ("n_prompt", n_prompt), ("n_completion", n_completion),
+                            ("n_end", n_end)):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def _sharing(cls, other: Rendered, n_completion: int, n_end: int) -> Rendered:
+        """``other`` with its completion cut to ``n_completion`` tokens, on the same buffer (no copy)."""
+        new = cls.__new__(cls)
+        new._set(other.id, other._packed, other.n_prompt, n_completion, n_end)
+        return new
+
+    def _ids(self, start: int, stop: int) -> list[int]:
+        return memoryview(self._packed).cast(_TOKEN_CODE)[start:stop].tolist()
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self._ids(0, self.n_prompt)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self._ids(self.n_prompt, self.n_tokens)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt then completion ids: the sequence a forward pass reads."""
+        return self._ids(0, self.n_tokens)
 
     @property
     def n_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.completion_ids)
+        return self.n_prompt + self.n_completion
 
     def for_scoring(self, response_end: str = "exclude") -> Rendered:
         """The tokens response signals are computed on: without the closing tokens unless ``include``.
@@ -62,7 +106,36 @@ class Rendered:
             raise ValueError(f"score.response_end must be one of {RESPONSE_END_CHOICES}, got {response_end!r}")
         if response_end == "include" or self.n_end == 0:
             return self
-        return Rendered(self.id, self.prompt_ids, self.completion_ids[: len(self.completion_ids) - self.n_end], 0)
+        return Rendered._sharing(self, self.n_completion - self.n_end, 0)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Rendered is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Rendered is immutable: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Rendered):
+            return NotImplemented
+        return ((self.id, self.n_prompt, self.n_completion, self.n_end)
+                == (other.id, other.n_prompt, other.n_completion, other.n_end)
+                and self._packed[: _TOKEN_BYTES * self.n_tokens] == other._packed[: _TOKEN_BYTES * other.n_tokens])
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.n_prompt, self.n_completion, self.n_end))
+
+    def __repr__(self) -> str:
+        return (f"Rendered(id={self.id!r}, prompt_ids={self.prompt_ids!r}, completion_ids={self.completion_ids!r}, "
+                f"n_end={self.n_end!r})")
+
+    def __reduce__(self) -> tuple:
+        # __setattr__ refuses, so pickle and copy rebuild through the constructor
+        return Rendered, (self.id, self.prompt_ids, self.completion_ids, self.n_end)
+
+
+# the stdlib array's C int (4 bytes wherever torch runs): packing and reading back go through the same code
+_TOKEN_CODE = "i"
+_TOKEN_BYTES = array(_TOKEN_CODE).itemsize
 
 
 RESPONSE_END_CHOICES = ("exclude", "include")

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,33 @@ from instructdiff.scoring import (
     SCORING_VERSION,
     ScoreTable,
     dist_info,
+    length_order,
     report_non_finite,
     score_pass,
 )
 
 log = logging.getLogger("instructdiff.scoring")  # the store's lines read as the scoring engine's, as before
+
+# the checkpoint's member that marks the rows already scored (a NaN value may be a scored, non-finite row)
+FILLED = "filled"
+# rows serialised at a time by ``rows_hash``
+_HASH_WINDOW = 1 << 12
+
+
+def rows_hash(rendered: Sequence[Rendered]) -> str:
+    """``stable_hash([(id, prompt length, completion length), ...])`` of the rows, streamed.
+
+    The same digest as hashing the whole list (the cache keys of every table already written stay valid), but
+    its JSON text is serialised a window of rows at a time: ``json.dumps`` writes a list as ``[`` + its items
+    joined by ``", "`` + ``]``, so the windows' texts without their brackets, joined the same way, are that text.
+    """
+    digest = hashlib.sha256(b"[")
+    for start in range(0, len(rendered), _HASH_WINDOW):
+        text = json.dumps([(r.id, r.n_prompt, r.n_completion) for r in rendered[start : start + _HASH_WINDOW]],
+                          sort_keys=True, default=str)
+        digest.update(((", " if start else "") + text[1:-1]).encode())
+    digest.update(b"]")
+    return digest.hexdigest()[:16]
 
 
 class ScoreStore:
@@ -53,8 +77,8 @@ class ScoreStore:
         return stable_hash(self.fingerprint(model_fp, pool_fp, render_fp, kind, settings))
 
     @staticmethod
-    def _response_fingerprint(model_fp: str, rendered: list[Rendered], render_fp: str, settings: dict) -> dict:
-        pool_fp = stable_hash([(r.id, len(r.prompt_ids), len(r.completion_ids)) for r in rendered])
+    def _response_fingerprint(model_fp: str, rendered: Sequence[Rendered], render_fp: str, settings: dict) -> dict:
+        pool_fp = rows_hash(rendered)
         return ScoreStore.fingerprint(model_fp, pool_fp, render_fp, "response_stats", settings.get("_key", settings))
 
     def response_path(self, model_fp: str, rendered: list[Rendered], render_fp: str, settings: dict) -> Path:
@@ -90,7 +114,7 @@ class ScoreStore:
         def compute() -> ScoreTable:
             t0 = time.time()
             table = self._compute(model_loader(), rendered, settings, path, fingerprint, desc)
-            n_tok = int(sum(len(r.completion_ids) + len(r.prompt_ids) for r in rendered))
+            n_tok = int(sum(r.n_tokens for r in rendered))
             self.passes.append({"desc": desc, "key": path.stem, "samples": len(rendered), "tokens": n_tok,
                                 "seconds": round(time.time() - t0, 3), "non_finite_ids": table.non_finite_ids()})
             return table
@@ -102,26 +126,39 @@ class ScoreStore:
         """nll / entropy / n_tokens of every rendered sample; ``model_loader()`` runs only on a miss."""
         return serve(self.response_entry(model_loader, model_fp, rendered, render_fp, settings, desc))[0]
 
-    def _distributed(self, model_loader, rendered: list[Rendered], settings: dict, path: Path, fingerprint: dict,
-                     desc: str, rank: int, world: int) -> ScoreTable:
+    def _distributed(self, model_loader, rendered: Sequence[Rendered], settings: dict, path: Path,
+                     fingerprint: dict, desc: str, rank: int, world: int) -> ScoreTable:
         """torchrun: rank r scores every world-th sample (after a length sort, so shards cost the same),
         rank 0 gathers and writes the table; the merged table equals a single process's."""
         import torch.distributed as dist
 
         t0 = time.time()
-        order = sorted(range(len(rendered)), key=lambda k: (rendered[k].n_tokens, rendered[k].id))
-        shard = [rendered[k] for k in order[rank::world]]
+        order = length_order(rendered)
+        shard = [rendered[k] for k in order[rank::world].tolist()]
         part_path = path.with_name(f"{path.stem}.rank{rank}of{world}.npz")
         part = self._resume(part_path, fingerprint)
-        if part is None or len(part.ids) != len(shard):
+        if part is None or part.ids != [r.id for r in shard]:
             part = self._compute(model_loader(), shard, settings, part_path, fingerprint,
                                  f"{desc} [rank {rank}/{world}]")
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (part.ids, np.stack([part.values[s] for s in RESPONSE_SIGNALS], 1)))
+        # Rank 0 places every shard's values by the same length order, so no rank gathers an id per row of the
+        # others' shards; first every rank checks that all ranks scored the shards it would have given them (the
+        # same pool), so a mismatch stops every rank alike instead of leaving the others waiting on rank 0.
+        hashes: list = [None] * world
+        dist.all_gather_object(hashes, rows_hash(shard))
+        expected = [rows_hash([rendered[k] for k in order[r::world].tolist()]) for r in range(world)]
+        if hashes != expected:
+            bad = [r for r in range(world) if hashes[r] != expected[r]]
+            raise RuntimeError(f"{desc}: rank(s) {bad} scored other rows than rank {rank} assigns them (the ranks "
+                               "rendered different pools); every rank must read the same pool")
+        gathered: list | None = [None] * world if rank == 0 else None
+        dist.gather_object(np.stack([part.values[s] for s in RESPONSE_SIGNALS]), gathered, dst=0)
         if rank == 0:
-            merged = {i: v for ids, vals in gathered for i, v in zip(ids, vals, strict=True)}
-            ids = [r.id for r in rendered]
-            self._write(path, ids, np.stack([merged[i] for i in ids]), fingerprint)
+            merged = np.full((len(RESPONSE_SIGNALS), len(rendered)), np.nan)
+            for r, columns in enumerate(gathered):
+                merged[:, order[r::world]] = columns
+            del gathered
+            self._write(path, rendered, merged, fingerprint)
+            del merged
         dist.barrier()
         part_path.unlink(missing_ok=True)
         self.passes.append({"desc": desc, "key": path.stem, "samples": len(rendered), "world_size": world,
@@ -130,7 +167,7 @@ class ScoreStore:
 
     @staticmethod
     def _resume(path: Path, fingerprint: dict) -> ScoreTable | None:
-        """A checkpointed partial table, or None when there is none or it cannot be trusted (then said)."""
+        """A finished (shard) table, or None when there is none or it cannot be trusted (then said)."""
         if not path.exists():
             return None
         try:
@@ -141,47 +178,75 @@ class ScoreStore:
             return None
 
     @staticmethod
-    def _write(path: Path, ids: list[str], values: np.ndarray, fingerprint: dict) -> None:
-        write_npz(path, {"ids": np.array(ids), **{s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)}},
+    def _resume_partial(path: Path, fingerprint: dict, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(values, filled) of a checkpoint of these very rows, or None when there is none or it cannot be
+        trusted (then said)."""
+        if not path.exists():
+            return None
+        try:
+            arrays = read_npz(path, fingerprint)
+            missing = [s for s in (FILLED, *RESPONSE_SIGNALS) if s not in arrays]
+            if missing:
+                raise BadEntry(CORRUPT, f"no {missing} array in the checkpoint")
+            if any(arrays[s].shape != (n,) for s in (FILLED, *RESPONSE_SIGNALS)):
+                raise BadEntry(CORRUPT, f"its arrays are not one value per row ({n} rows)")
+            return np.stack([arrays[s].astype(np.float64) for s in RESPONSE_SIGNALS]), arrays[FILLED].astype(bool)
+        except Exception as e:  # a damaged checkpoint costs its batches again, never the run
+            log.warning("checkpoint %s is unusable (%s: %s): scoring those samples again", path,
+                        type(e).__name__, e)
+            return None
+
+    @staticmethod
+    def _write(path: Path, rendered: Sequence[Rendered], columns: np.ndarray, fingerprint: dict) -> None:
+        """The table of ``rendered``: ``columns`` is (signals, rows), one contiguous row per signal, so no member is
+        copied whole; the ids column is filled straight from the rows (the ``np.array(ids)`` it always was, without
+        an id list beside it)."""
+        width = max((len(r.id) for r in rendered), default=1)
+        ids = np.fromiter((r.id for r in rendered), dtype=f"U{width}", count=len(rendered))
+        write_npz(path, {"ids": ids, **{s: columns[k] for k, s in enumerate(RESPONSE_SIGNALS)}},
                   fingerprint, "a score table")
 
-    def _compute(self, model, rendered: list[Rendered], settings: dict, path: Path, fingerprint: dict,
+    def _compute(self, model, rendered: Sequence[Rendered], settings: dict, path: Path, fingerprint: dict,
                  desc: str) -> ScoreTable:
+        # Memory (issue 15): one preallocated (signals x rows) float64 table filled by pool position, a bool per row
+        # for what is filled and the batch plan as one integer array; checkpoints are written from the table itself,
+        # the ids column and the returned id list are made after the pass. Per-row work stays in a batch's window.
         partial = path.with_name(path.stem + ".partial.npz")
-        # One preallocated (rows x signals) float64 array filled by pool position: memory is the output itself
-        # (32 bytes a row), not a small array per row that keeps its batch's array alive (issue 15: ~550 B/row).
-        ids = [r.id for r in rendered]
-        position = {i: k for k, i in enumerate(ids)}
-        values = np.full((len(ids), len(RESPONSE_SIGNALS)), np.nan)
-        filled = np.zeros(len(ids), dtype=bool)
-        prev = self._resume(partial, fingerprint)
-        if prev is not None:
-            for k, i in enumerate(prev.ids):
-                if i in position:
-                    values[position[i]] = [prev.values[s][k] for s in RESPONSE_SIGNALS]
-                    filled[position[i]] = True
-            log.info("%s: resuming, %d of %d samples already scored", desc, int(filled.sum()), len(rendered))
-        todo = [r for r in rendered if not filled[position[r.id]]]
+        # a checkpoint holds no ids: it is keyed by these rows (ids and lengths, in order) on top of the table's
+        # inputs, so its positions are this list's positions (a shard's checkpoint differs from the pool's)
+        partial_fp = {"table": fingerprint, "rows": rows_hash(rendered), "layout": "filled-mask"}
+        n = len(rendered)
+        prev = self._resume_partial(partial, partial_fp, n)
+        # positions still to score; None: all of them, in pool order (no index array per row then)
+        todo = None if prev is None else np.flatnonzero(~prev[1])
+        items = rendered if todo is None else [rendered[k] for k in todo.tolist()]
         pad_id = settings.get("pad_id", 0)
         every = int(settings.get("checkpoint_every", 20))
-        batches = score_pass(model, todo, pad_id, int(settings.get("max_tokens_per_batch", 8192)),
+        # planned before the table is allocated: the plan's sort and the table are never held together
+        batches = score_pass(model, items, pad_id, int(settings.get("max_tokens_per_batch", 8192)),
                              int(settings.get("max_batch_size", 64)), dtype=str(settings.get("dtype", "fp32")),
                              compile=bool(settings.get("compile", False)))
-        bar = tqdm(total=len(rendered), initial=int(filled.sum()), desc=desc, unit="sample", dynamic_ncols=True)
+        if prev is not None:
+            values, filled = prev
+            log.info("%s: resuming, %d of %d samples already scored", desc, int(filled.sum()), n)
+        else:
+            values = np.full((len(RESPONSE_SIGNALS), n), np.nan)
+            filled = np.zeros(n, dtype=bool)
+        bar = tqdm(total=n, initial=n - len(items), desc=desc, unit="sample", dynamic_ncols=True)
         for n_batch, (batch_idx, vals) in enumerate(batches, 1):
-            for k, v in zip(batch_idx, vals, strict=True):
-                at = position[todo[k].id]
-                values[at] = v
-                filled[at] = True
+            at = batch_idx if todo is None else todo[batch_idx]
+            values[:, at] = vals.T
+            filled[at] = True
             bar.update(len(batch_idx))
             if n_batch % every == 0:
-                done_at = np.flatnonzero(filled)
-                self._write(partial, [ids[k] for k in done_at], values[done_at], fingerprint)
+                write_npz(partial, {FILLED: filled, **{s: values[k] for k, s in enumerate(RESPONSE_SIGNALS)}},
+                          partial_fp, "a score checkpoint")
                 crash_point("score.checkpoint")
         bar.close()
-        self._write(path, ids, values, fingerprint)
+        del items, todo, batches
+        self._write(path, rendered, values, fingerprint)
         partial.unlink(missing_ok=True)
-        table = ScoreTable(ids, {s: values[:, k] for k, s in enumerate(RESPONSE_SIGNALS)})
+        table = ScoreTable([r.id for r in rendered], {s: values[k] for k, s in enumerate(RESPONSE_SIGNALS)})
         report_non_finite(table, desc, str(settings.get("dtype", "fp32")))
         return table
 

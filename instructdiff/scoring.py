@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ class ScoreTable:
         bad = np.zeros(len(self.ids), dtype=bool)
         for s in signals:
             bad |= ~np.isfinite(self.values[s])
-        return [i for i, b in zip(self.ids, bad.tolist(), strict=True) if b]
+        return [self.ids[k] for k in np.flatnonzero(bad).tolist()]
 
     def aligned(self, signal: str, ids: list[str]) -> np.ndarray:
         index = {i: k for k, i in enumerate(self.ids)}
@@ -60,18 +60,47 @@ class ScoreTable:
         return self.values[signal][[index[i] for i in ids]]
 
 
-def length_batches(items: list[Rendered], max_tokens: int, max_batch: int) -> Iterator[list[int]]:
-    """Indices grouped by similar length so padding is small; each batch holds ≤ max_tokens padded tokens."""
-    order = sorted(range(len(items)), key=lambda k: (items[k].n_tokens, items[k].id))
+# rows of the batch plan turned into Python ints at a time
+_PLAN_WINDOW = 1 << 12
+
+
+def length_order(items: Sequence[Rendered]) -> np.ndarray:
+    """Indices of ``items`` sorted by (n_tokens, id), exactly as ``sorted`` with that key orders them, held as
+    one integer array rather than a Python list and a key tuple per row (issue 15: ~110 B a row).
+
+    Ties in length are broken by id so the batches (and so the float summation order) do not depend on the pool's
+    order. numpy orders the ids as bytes: UTF-8 keeps code-point order, and the ids' byte lengths, the last key,
+    separate ids that differ only by trailing NULs, which numpy's fixed-width strings pad with.
+    """
+    n = len(items)
+    if n == 0:
+        return np.empty(0, dtype=np.intp)
+    lengths = np.fromiter((r.n_tokens for r in items), dtype=np.int32, count=n)
+    # passes over the ids (lengths, then the bytes) so no list of encoded ids is ever held
+    id_lengths = np.fromiter((len(r.id.encode("utf-8", "surrogatepass")) for r in items), dtype=np.int32, count=n)
+    width = int(id_lengths.max())
+    id_bytes = np.fromiter((r.id.encode("utf-8", "surrogatepass") for r in items), dtype=f"S{max(width, 1)}",
+                           count=n)
+    return np.lexsort((id_lengths, id_bytes, lengths))
+
+
+def length_batches(items: Sequence[Rendered], max_tokens: int, max_batch: int,
+                   order: np.ndarray | None = None) -> Iterator[list[int]]:
+    """Indices grouped by similar length so padding is small; each batch holds ≤ max_tokens padded tokens.
+
+    Only the order array (``length_order(items)``, made here unless given) is held for the whole pool; each
+    batch's index list is made when it is yielded."""
+    order = length_order(items) if order is None else order
     batch: list[int] = []
     longest = 0
-    for k in order:
-        n = items[k].n_tokens
-        if batch and (max(longest, n) * (len(batch) + 1) > max_tokens or len(batch) >= max_batch):
-            yield batch
-            batch, longest = [], 0
-        batch.append(k)
-        longest = max(longest, n)
+    for start in range(0, len(order), _PLAN_WINDOW):
+        for k in order[start : start + _PLAN_WINDOW].tolist():
+            n = items[k].n_tokens
+            if batch and (max(longest, n) * (len(batch) + 1) > max_tokens or len(batch) >= max_batch):
+                yield batch
+                batch, longest = [], 0
+            batch.append(k)
+            longest = max(longest, n)
     if batch:
         yield batch
 
@@ -168,11 +197,11 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
     device = next(model.parameters()).device
     target_pos: list[torch.Tensor] = []
     for r in batch:
-        p, t = len(r.prompt_ids), len(r.completion_ids)
+        p, t = r.n_prompt, r.n_completion
         if p == 0:
             raise ValueError(f"sample {r.id} has an empty prompt: its first response token has no context")
         target_pos.append(torch.arange(p - 1, p + t - 1))
-    ids, _ = pad_right([r.prompt_ids + r.completion_ids for r in batch], pad_id, device)
+    ids, _ = pad_right([r.token_ids for r in batch], pad_id, device)
     rows = torch.cat([torch.full((len(tp),), b, dtype=torch.long) for b, tp in enumerate(target_pos)])
     cols = torch.cat(target_pos)
     labels = ids[rows, cols + 1]
@@ -219,17 +248,24 @@ def score_batch(model, batch: list[Rendered], pad_id: int, chunk_positions: int 
     return out
 
 
-def score_pass(model, items: list[Rendered], pad_id: int, max_tokens: int, max_batch: int, dtype: str = "fp32",
+def score_pass(model, items: Sequence[Rendered], pad_id: int, max_tokens: int, max_batch: int, dtype: str = "fp32",
                compile: bool = False, per_token: bool = False) -> Iterator[tuple[list[int], object]]:
     """One scoring pass over ``items``: (indices into items, ``score_batch`` output) per length bucket.
 
-    The pass owns the low-precision weight cast, so every caller (the store, the per-token signal, the
-    benchmark) casts once per pass and none can forget to restore the fp32 weights.
+    The batch plan is made here, at the call (its sort's temporaries are freed before the caller allocates
+    its output); the batches run as the result is iterated. The pass owns the low-precision weight cast, so every
+    caller (the store, the per-token signal, the benchmark) casts once per pass and none can forget to restore
+    the fp32 weights.
     """
-    with low_precision_weights(model, dtype):
-        for idx in length_batches(items, max_tokens, max_batch):
-            yield idx, score_batch(model, [items[k] for k in idx], pad_id, dtype=dtype, per_token=per_token,
-                                   compile=compile)
+    order = length_order(items)
+
+    def run() -> Iterator[tuple[list[int], object]]:
+        with low_precision_weights(model, dtype):
+            for idx in length_batches(items, max_tokens, max_batch, order):
+                yield idx, score_batch(model, [items[k] for k in idx], pad_id, dtype=dtype, per_token=per_token,
+                                       compile=compile)
+
+    return run()
 
 
 def _head_fp32(head, hidden: torch.Tensor) -> torch.Tensor:

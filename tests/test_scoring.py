@@ -217,7 +217,9 @@ def test_store_resumes_after_kill(tmp_path: Path, items: list[Rendered]) -> None
     assert len(partials) == 1
     assert not [p for p in root.glob("*.npz") if ".partial" not in p.name]  # no finished table
     with np.load(partials[0]) as z:
-        assert len(z["ids"]) == 4  # two batches of two, checkpointed after each
+        # two batches of two, checkpointed after each, in the full-length table (no per-row ids: issue 15)
+        assert z["filled"].sum() == 4 and len(z["filled"]) == len(items) and "ids" not in z.files
+        assert np.isfinite(z["nll"][z["filled"]]).all() and np.isnan(z["nll"][~z["filled"]]).all()
 
     working = make_model()
     state2, handle2 = forward_counter(working)

@@ -90,11 +90,11 @@ class SignalWork:
 
 
 def all_tokens(rendered: Sequence[Rendered]) -> int:
-    return int(sum(len(r.prompt_ids) + len(r.completion_ids) for r in rendered))
+    return int(sum(r.n_prompt + r.n_completion for r in rendered))
 
 
 def prompt_tokens(rendered: Sequence[Rendered]) -> int:
-    return int(sum(len(r.prompt_ids) for r in rendered))
+    return int(sum(r.n_prompt for r in rendered))
 
 
 def forward_over_all(rendered: Sequence[Rendered]) -> SignalWork:

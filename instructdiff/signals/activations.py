@@ -61,7 +61,7 @@ def token_mask(batch: list, width: int, tokens: str) -> torch.Tensor:
     """(B, width) bool: the positions whose activations are aggregated."""
     mask = torch.zeros((len(batch), width), dtype=torch.bool)
     for b, r in enumerate(batch):
-        p, t = len(r.prompt_ids), len(r.completion_ids)
+        p, t = r.n_prompt, r.n_completion
         lo, hi = {"response": (p, p + t), "all": (0, p + t), "prompt": (0, p)}[tokens]
         if hi <= lo:
             raise ValueError(f"sample {r.id} has no {tokens} tokens to aggregate activations over")

@@ -38,6 +38,7 @@ int64 (M, C). The adapters are removed afterwards (``unload``): the model is lef
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -115,7 +116,8 @@ def warmup_ids(ids: Sequence[str], seed: int, fraction: float, min_rows: int) ->
     def rank(i: str) -> str:
         return hashlib.sha256(f"less-warmup\0{int(seed)}\0{i}".encode()).hexdigest()
 
-    chosen = set(sorted(ids, key=lambda i: (rank(i), i))[:k])
+    # nsmallest is sorted(ids, key)[:k] (its documented equivalence) holding k keys, not one per pool row
+    chosen = set(heapq.nsmallest(k, ids, key=lambda i: (rank(i), i)))
     return [i for i in ids if i in chosen]
 
 
@@ -213,9 +215,8 @@ def unit_rows(y: torch.Tensor) -> torch.Tensor:
 def sample_loss(model: Any, r: Any, device: Any) -> torch.Tensor:
     """Mean next-token cross-entropy over the completion tokens of one rendered row (batch 1, no padding); the
     vocabulary projection runs on the positions that predict completion tokens only."""
-    seq = list(r.prompt_ids) + list(r.completion_ids)
-    ids = torch.tensor([seq], dtype=torch.long, device=device)
-    start = max(1, len(r.prompt_ids))  # the first token has no prediction
+    ids = torch.tensor([r.token_ids], dtype=torch.long, device=device)
+    start = max(1, r.n_prompt)  # the first token has no prediction
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel wraps the HF model
     body, head = _decoder_and_head(hf)
     if body is not None:
@@ -377,7 +378,7 @@ def warmed_up(inputs: Any, options: dict, bar: Any = None) -> Iterator[dict[str,
 def compute(inputs: Any, options: dict) -> dict[str, np.ndarray]:
     o = resolve_options(options)
     rendered = inputs.rendered
-    if [r.id for r in rendered] != [r.id for r in inputs.rows]:
+    if len(rendered) != len(inputs.rows) or any(r.id != row.id for r, row in zip(rendered, inputs.rows, strict=False)):
         raise ValueError("less_grads: rendered rows and rows are not aligned")
     queries = set(o["query_ids"])
     is_query = np.array([r.id in queries for r in rendered], dtype=bool)

@@ -71,10 +71,10 @@ def collate(rendered: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, to
     mask = torch.zeros((len(rendered), width), dtype=torch.long)
     labels = torch.full((len(rendered), width), -100, dtype=torch.long)
     for b, r in enumerate(rendered):
-        seq = r.prompt_ids + r.completion_ids
-        ids[b, : len(seq)] = torch.tensor(seq)
+        seq = torch.tensor(r.token_ids)
+        ids[b, : len(seq)] = seq
         mask[b, : len(seq)] = 1
-        labels[b, len(r.prompt_ids): len(seq)] = torch.tensor(r.completion_ids)
+        labels[b, r.n_prompt: len(seq)] = seq[r.n_prompt:]
     return ids, mask, labels
 
 

@@ -16,7 +16,7 @@ from instructdiff.signals import SignalInputs, SignalWork, forward_over_all
 def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
     # the pipeline passes score.response_end; exclude (the default) leaves the turn's closing tokens out
     rendered = [r.for_scoring(str(options.get("response_end", "include"))) for r in inputs.rendered]
-    width = max((len(r.completion_ids) for r in rendered), default=0)
+    width = max((r.n_completion for r in rendered), default=0)
     nll = np.full((len(rendered), width), np.nan, dtype=np.float32)
     ent = np.full((len(rendered), width), np.nan, dtype=np.float32)
     pad_id = inputs.tokenizer.pad_token_id or 0
@@ -29,7 +29,7 @@ def compute(inputs: SignalInputs, options: dict) -> dict[str, np.ndarray]:
                 nll[k, : len(n)] = n
                 ent[k, : len(h)] = h
             bar.update(len(idx))
-    lengths = np.array([len(r.completion_ids) for r in rendered], dtype=np.int32)
+    lengths = np.array([r.n_completion for r in rendered], dtype=np.int32)
     return {"nll": nll, "entropy": ent, "n_tokens": lengths}
 
 
