@@ -89,6 +89,11 @@ def trainer_cache_key(trainer_cfg: dict) -> dict:
     from instructdiff import distributed
 
     key = {k: v for k, v in trainer_cfg.items() if not (k == "strategy" and v == "auto")}
+    # Recomputing activations changes how much memory training holds, not the weights: bit-identical on CPU
+    # with and without it (tests/test_train_checkpointing.py; the default run's calibrated SmolLM2-135M too,
+    # 2026-12-06). Recorded as the old default, false, so models cached before the default became true serve.
+    if "gradient_checkpointing" in key:
+        key["gradient_checkpointing"] = False
     if distributed.world_size() > 1:
         key["world_size"] = distributed.world_size()
     return key

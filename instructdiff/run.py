@@ -60,6 +60,9 @@ def cli() -> None:
     if problem:
         raise SystemExit(f"instructdiff: error: {problem}")
     sys.argv[1:] = _other_rank_overrides(sys.argv[1:])
+    from instructdiff.memory import return_large_blocks_at_once
+
+    return_large_blocks_at_once()  # before any model is loaded: freed activations leave at once
     main()
 
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from instructdiff.cache_check import Entry, serve
 from instructdiff.cost import CostLedger
+from instructdiff.memory import release_memory
 
 T = TypeVar("T")
 
@@ -98,8 +99,12 @@ class StageRunner:
                                       f"pipeline.stages={self.enabled}; add '{stage}' to pipeline.stages")
 
         def timed() -> T:
-            with self.timer.stage(stage):
-                return entry.compute()
+            try:
+                with self.timer.stage(stage):
+                    return entry.compute()
+            finally:
+                # the next stage must not start on top of this one's freed peak (instructdiff/memory.py)
+                release_memory()
 
         with self.timer.stage(stage) if time_hits else nullcontext():
             value, hit = serve(entry if time_hits else replace(entry, compute=timed), on_open=opened)

@@ -82,7 +82,7 @@ def build_dataset(rows: list[Row], renderer: Renderer, n_filler: int = 0):
     for row in rows:
         r = renderer(row)
         input_ids.append(r.prompt_ids + r.completion_ids)
-        completion_mask.append([0] * len(r.prompt_ids) + [1] * len(r.completion_ids))
+        completion_mask.append([0] * r.n_prompt + [1] * r.n_completion)
     if n_filler:
         shortest = min(input_ids, key=len)
         input_ids += [list(shortest)] * n_filler
