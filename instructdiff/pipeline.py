@@ -94,6 +94,8 @@ def trainer_cache_key(trainer_cfg: dict) -> dict:
     # 2026-12-06). Recorded as the old default, false, so models cached before the default became true serve.
     if "gradient_checkpointing" in key:
         key["gradient_checkpointing"] = False
+    # Memory only, the same bits (tests/test_lean_lm_head.py): left out, so every cached model stays valid.
+    key.pop("lm_head_fold_rows", None)
     if distributed.world_size() > 1:
         key["world_size"] = distributed.world_size()
     return key

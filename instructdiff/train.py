@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from instructdiff import distributed
+from instructdiff.lean_lm_head import ROW_BLOCK, fold_in_row_blocks
 from instructdiff.models import ModelRef, load_model, load_tokenizer
 from instructdiff.render import Renderer
 from instructdiff.rows import Row
@@ -168,6 +169,8 @@ def train_sft(base: ModelRef, rows: list[Row], trainer_cfg: Any, render_cfg: dic
         raise ValueError(f"trainer.method must be 'full' or 'lora', got {method!r}")
 
     flags = precision_flags(str(_get(trainer_cfg, "precision", "auto")))
+    # same numbers, ~1.4 GiB less at the default run's peak (instructdiff/lean_lm_head.py)
+    fold_in_row_blocks(_get(trainer_cfg, "lm_head_fold_rows", ROW_BLOCK))
     # TRL's SFTConfig turns activation checkpointing on by default: ~30% more compute per step, which only
     # pays off when memory is short, so it is an explicit choice here.
     parallel = parallel_args(strategy, method, bool(_get(trainer_cfg, "gradient_checkpointing", False)))
