@@ -69,6 +69,9 @@ def fold_in_row_blocks(rows: int | None = ROW_BLOCK) -> bool:
     TRL's own whole-tile folds back. The setting is process-wide and applies to the next training. Returns whether
     TRL's folds are now row-blocked (False for ``None``, or when TRL has no such functions or their parameters
     changed)."""
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+        raise ValueError(f"trainer.lm_head_fold_rows must be a positive number of token rows, or null for TRL's "
+                         f"whole-tile fold; got {rows!r}")
     try:
         from trl.kernels import chunked_logprob as kernel
     except ImportError:

@@ -110,6 +110,12 @@ def test_none_restores_trl_folds():
         fold_in_row_blocks()
 
 
+@pytest.mark.parametrize("bad", ["64", -1, 2.5, True])
+def test_bad_row_counts_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match="trainer.lm_head_fold_rows"):
+        fold_in_row_blocks(bad)
+
+
 def test_training_gives_bit_identical_weights_and_one_cache_key(tmp_path, tiny_model_cache, one_torch_thread,
                                                                  monkeypatch):
     """A real TRL SFT of the tiny model, with TRL's whole-tile fold and with 3-row blocks: the same weights, and the
