@@ -25,10 +25,11 @@ BPB, ACC = "t_bpb/bits_per_byte", "t/acc"
 
 
 def _job(sweep: Path, num: int, selector: str, seed: int, metrics: dict | None, fraction: float = 0.1,
-         fraction_override: bool = False) -> Path:
+         fraction_override: bool = False, extra_overrides: tuple[str, ...] = (), config_extra: dict | None = None
+         ) -> Path:
     """A job directory as Hydra and the pipeline leave it (what report.load_job reads); metrics None: the
     job crashed before writing results.json."""
-    overrides = [f"selector={selector}", f"seed={seed}"]
+    overrides = [f"selector={selector}", f"seed={seed}", *extra_overrides]
     if fraction_override:
         overrides.append(f"selector.budget.fraction={fraction}")
     job = sweep / f"{num}_{','.join(overrides)}"
@@ -38,7 +39,7 @@ def _job(sweep: Path, num: int, selector: str, seed: int, metrics: dict | None, 
         f"hydra:\n  job:\n    num: {num}\n  runtime:\n    choices:\n      selector: {selector}\n")
     config = {"domain": {"name": "math", "pool_seed": 0, "eval_tasks": ["t", "t_bpb"]},
               "eval": {"tasks": ["t", "t_bpb"]}, "model": {"name": "tiny"}, "seed": seed,
-              "selector": {"budget": {"fraction": fraction, "count": None}}}
+              "selector": {"budget": {"fraction": fraction, "count": None}}, **(config_extra or {})}
     (job / "manifest.json").write_text(json.dumps({"config": config}))
     if metrics is not None:
         (job / "results.json").write_text(json.dumps({
@@ -224,3 +225,38 @@ def test_cli_writes_paired_csv(tmp_path, capsys):
     assert (tmp_path / "out" / "paired.csv").is_file()
     header = next(csv.reader(open(tmp_path / "out" / "paired.csv")))
     assert {"selector", "metric", "reference", "n_pairs", "mean_diff", "ci_low", "ci_high", "verdict"} <= set(header)
+
+
+def test_jobs_of_two_presets_with_the_same_config_pair_and_others_stay_apart(tmp_path):
+    """warmup_ratio's instructdiff jobs and the `experiment=paper_table selector=random` jobs beside them (as
+    conf/experiment/warmup_ratio.yaml says to run them) resolve to the same config: one setting, paired by seed.
+    A preset that changes the config (here the scoring model) keeps its own setting and has no random to pair."""
+    root = tmp_path / "study"
+    num = 0
+    for seed, (ours, theirs, other) in enumerate([(0.95, 1.00, 0.90), (1.04, 1.10, 0.99), (0.86, 0.90, 0.80)]):
+        _job(root / "warmup", num, "instructdiff", seed, {BPB: ours, ACC: 0.4},
+             extra_overrides=("experiment=warmup_ratio", "selector.warmup_ratio=0.05"))
+        _job(root / "random", num, "random", seed, {BPB: theirs, ACC: 0.4}, extra_overrides=("experiment=paper_table",))
+        _job(root / "w2s", num, "ifd", seed, {BPB: other, ACC: 0.4}, extra_overrides=("experiment=weak_to_strong",),
+             config_extra={"score": {"model": "bigger"}})
+        num += 1
+    rep = build_report(root)
+    settings = {j.selector: j.setting for j in rep.ok}
+    assert settings["instructdiff"] == settings["random"] == "experiment=paper_table+warmup_ratio"
+    assert settings["ifd"] == "experiment=weak_to_strong"
+    pairs = {(g.selector, ref): p for g, ref, p in rep.paired() if p.metric == BPB}
+    ours = pairs[("instructdiff", "random")]
+    assert ours.n == 3
+    assert ours.mean == pytest.approx(((0.95 - 1.00) + (1.04 - 1.10) + (0.86 - 0.90)) / 3)
+    assert not any(sel == "ifd" and ref == "random" and p.n for (sel, ref), p in pairs.items())
+
+
+def test_presets_that_tell_no_jobs_apart_leave_the_setting(tmp_path):
+    root = tmp_path / "study"
+    for seed in range(2):
+        _job(root / "a", seed, "instructdiff", seed, {BPB: 1.0 + seed, ACC: 0.4},
+             extra_overrides=("experiment=warmup_ratio",))
+        _job(root / "b", seed, "random", seed, {BPB: 1.1 + seed, ACC: 0.4}, extra_overrides=("experiment=paper_table",))
+    _job(root / "a", 2, "instructdiff", 2, None, extra_overrides=("experiment=warmup_ratio",))  # still running
+    rep = build_report(root)
+    assert {j.setting for j in rep.jobs} == {""}

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from instructdiff import CONF_DIR
+from instructdiff.rows import stable_hash
 from instructdiff.tracking import mask_secrets
 
 # Override keys that only say where things go, never what was run.
@@ -258,6 +259,50 @@ def _num(v: Any) -> float | None:
         return None
 
 
+# Preset overrides: a preset only names a sweep. Jobs of two presets that resolve to the same configuration besides
+# the selector and the seed ran the same experiment (conf/experiment/warmup_ratio.yaml's instructdiff jobs and the
+# `experiment=paper_table selector=random` jobs run beside them at the same budget), so they share a setting and
+# pair; presets that change anything else (e.g. weak_to_strong's scoring model) stay apart under their names.
+PRESET_KEYS = ("experiment",)
+_NOT_SUBSTANCE = ("seed", "selector", "paths", "logger", "hydra")
+
+
+def _substance(job: Job) -> str | None:
+    """Hash of a finished job's resolved config (its manifest's) less what the report tells jobs apart by anyway
+    (selector, seed) and where outputs went; None for a job that did not finish, whose config is Hydra's
+    unresolved one or the sweep's."""
+    if job.results is None or not job.config:
+        return None
+    return stable_hash({k: v for k, v in job.config.items() if k not in _NOT_SUBSTANCE})
+
+
+def preset_labels(jobs: list[Job], key: str) -> dict[int, str | None]:
+    """Per job (by ``id``): the ``key`` preset label of its setting, or None to leave the preset out.
+
+    Finished jobs with the same resolved configuration (``_substance``) get one label, the names of every preset
+    among them joined by ``+``; an unfinished job gets the label of its preset's class when that is unambiguous,
+    else its own preset name. When every job ends up with the same label, the preset tells no jobs
+    apart and is left out."""
+    names: dict[str, set[str]] = {}
+    for j in jobs:
+        fp = _substance(j)
+        if fp is not None:
+            names.setdefault(fp, set()).add(str(j.overrides.get(key, "(default)")))
+    label_of_class = {fp: "+".join(sorted(v)) for fp, v in names.items()}
+    labels: dict[int, str | None] = {}
+    for j in jobs:
+        own = str(j.overrides.get(key, "(default)"))
+        fp = _substance(j)
+        if fp is not None:
+            labels[id(j)] = label_of_class[fp]
+            continue
+        candidates = {label for fp2, label in label_of_class.items() if own in names[fp2]}
+        labels[id(j)] = candidates.pop() if len(candidates) == 1 else own
+    if len(set(labels.values())) <= 1:
+        return {i: None for i in labels}
+    return labels
+
+
 def describe_jobs(jobs: list[Job]) -> tuple[list[str], dict[str, str]]:
     """Fill every job's selector, domain, seed, fraction, swept selector options and setting; returns the
     override keys that vary across the jobs and the common ones (``{key: value}``)."""
@@ -269,6 +314,7 @@ def describe_jobs(jobs: list[Job]) -> tuple[list[str], dict[str, str]]:
         else:
             common[k] = next(iter(vals))
     models = {str(get(j.config, "model.name")) for j in jobs if get(j.config, "model.name")}
+    presets = {k: preset_labels(jobs, k) for k in PRESET_KEYS if k in varying}
     for j in jobs:
         j.selector = selector_name(j)
         j.domain = str(get(j.config, "domain.name") or j.overrides.get("domain")
@@ -288,6 +334,9 @@ def describe_jobs(jobs: list[Job]) -> tuple[list[str], dict[str, str]]:
             if k.startswith("selector."):
                 if k in j.overrides:
                     j.params[k.removeprefix("selector.")] = j.overrides[k]
+            elif k in PRESET_KEYS:
+                if presets[k][id(j)] is not None:
+                    setting.append(f"{k}={presets[k][id(j)]}")
             else:
                 setting.append(f"{k}={j.overrides.get(k, '(default)')}")
         if len(models) > 1 and not any(s.startswith("model=") for s in setting):
