@@ -421,6 +421,16 @@ def test_multirun_is_reported_rerun_from_cache_and_reported_partially(tmp_path, 
         results = json.loads((job / "results.json").read_text())
         assert results["cache"]["misses"] == 0 and results["cache"]["hits"] > 0, job.name
         assert results["cache"]["score_store"]["passes"] == [] and "train" not in results["seconds"]
+    # a selector's FLOPs count every pass from scratch, so the cached rerun reports the same cost; what it
+    # computed itself is the "_this_run" part, zero here
+    assert main([str(again)]) == 0
+    cost_again = {r["selector"]: r for r in _csv(again / "cost.csv")}
+    for sel in SELECTORS:
+        for col in ("mean_selection_flops", "mean_train_flops", "mean_eval_flops", "mean_total_flops"):
+            assert float(cost_again[sel][col]) == pytest.approx(float(cost[sel][col])), (sel, col)
+        assert float(cost[sel]["mean_train_flops"]) > 0 and float(cost[sel]["mean_eval_flops"]) > 0
+        assert float(cost_again[sel]["mean_train_flops_this_run"]) == 0
+        assert float(cost_again[sel]["mean_total_flops_this_run"]) == 0
     print(f"multirun of 8 jobs: {first_s:.0f} s; again from the cache: {second_s:.0f} s")
 
     # a partial sweep: one job crashed (no results.json), one never started (no directory)

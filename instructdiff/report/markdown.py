@@ -212,7 +212,8 @@ def cost_markdown(cost: list[dict]) -> list[str]:
           "parameters without the input embedding table, T = tokens; instructdiff/cost.py): **selection** "
           "= every model pass the selector made (calibration, scoring, signals) counted from scratch, "
           "*selection (this run)* = the part not served from a cache, then the final training and the "
-          "evaluation of base and trained model. Model-free selectors (random, full, length) cost 0.", ""]
+          "evaluation of base and trained model, also counted from scratch (cost.csv has the `_this_run` "
+          "parts of each). Model-free selectors (random, full, length) cost 0 to select.", ""]
     if not cost:
         return md + ["No finished runs."]
     return md + md_table(
