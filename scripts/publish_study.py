@@ -86,23 +86,31 @@ def pick_profile(runs: Path) -> list[dict]:
     def label(j) -> str:
         return j.label + (f" @{j.fraction:g}" if several and j.selector != "full" and j.fraction is not None else "")
 
+    # A study of InstructDiff's own options (warmup_ratio) has one calibrated model per option value: each then
+    # measures its own picks and the other selectors' (random's), and every row names the model it was seen with.
+    refs = [j for j in jobs if j.selector == "instructdiff"]
+    several_refs = len({j.label for j in refs}) > 1
     out, seen = [], set()
-    for ref in (j for j in jobs if j.label == "instructdiff"):
+    for ref in refs:
+        under = f" (under {ref.label})" if several_refs else ""
         scores = {r["id"]: r["scores"] for r in _records(ref.path)}
         for job in (j for j in jobs if j.seed == ref.seed):
-            if (label(job), job.seed) in seen:
+            if several_refs and job.selector == "instructdiff" and job.label != ref.label:
                 continue
-            seen.add((label(job), job.seed))
+            name = label(job) + ("" if job.label == ref.label else under)
+            if (name, job.seed) in seen:
+                continue
+            seen.add((name, job.seed))
             picked = [r["id"] for r in _records(job.path) if r["status"] == "selected"]
-            row = {"selector": label(job), "seed": job.seed, "n": len(picked)}
+            row = {"selector": name, "seed": job.seed, "n": len(picked)}
             for f in PROFILE_FEATURES:
                 vals = [scores[i][f] for i in picked if i in scores and scores[i].get(f) is not None]
                 row[f] = sum(vals) / len(vals) if vals else None
             out.append(row)
-        if ("(whole pool)", ref.seed) in seen:
+        if ("(whole pool)" + under, ref.seed) in seen:
             continue
-        seen.add(("(whole pool)", ref.seed))
-        row = {"selector": "(whole pool)", "seed": ref.seed, "n": len(scores)}
+        seen.add(("(whole pool)" + under, ref.seed))
+        row = {"selector": "(whole pool)" + under, "seed": ref.seed, "n": len(scores)}
         for f in PROFILE_FEATURES:
             vals = [v[f] for v in scores.values() if v.get(f) is not None]
             row[f] = sum(vals) / len(vals) if vals else None
