@@ -165,6 +165,17 @@ def test_metric_against_fraction_shows_the_base_model_and_the_direction(tmp_path
     pyplot().close(fig)
 
 
+@pytest.mark.parametrize("fractions,log", [((0.05, 0.1, 0.2, 0.5), True), ((0.1, 0.2), False)])
+def test_values_spread_over_a_decade_get_a_log_axis_ticked_at_the_swept_values(tmp_path, fractions, log):
+    rep = Report(_study(tmp_path, {"random": [1.0, 1.1], "instructdiff": [0.9, 1.0]}, fractions=fractions))
+    fig = figure_against(rep, "math", "fraction")
+    for ax in fig.axes:
+        assert ax.get_xscale() == ("log" if log else "linear")
+        if log:
+            assert [t.get_text() for t in ax.get_xticklabels()] == [f"{f:g}" for f in fractions]
+    pyplot().close(fig)
+
+
 def test_delta_histograms_are_per_seed_never_pooled(tmp_path):
     rep = Report(_study(tmp_path, {"random": [1.0, 1.1], "instructdiff": [0.9, 1.0]}, deltas=True))
     runs = delta_runs(rep, "math")

@@ -129,6 +129,13 @@ def figure_against(rep: Report, domain: str, param: str) -> Figure | None:
                            label=lab + (" (whole pool)" if lab == "full" else "") + (f" ({setting})" if setting else ""))
         for setting in settings:
             draw_base_line(ax, rep, domain, setting, m, label_setting=len(settings) > 1)
+        xs = sorted({x for pts in series.values() for x in pts})
+        if xs[0] > 0 and xs[-1] / xs[0] >= 10:
+            # values spread over decades (warm-up ratio 0.01 … 0.5, budget 5 … 50%): a linear axis would crowd the
+            # small ones into one corner; the ticks are the swept values themselves
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
         ax.set_xlabel(AXIS_LABELS.get(param, f"selector.{param}"), fontsize=8)
         label_metric_axis(ax, m)
         ax.legend(fontsize=7)
