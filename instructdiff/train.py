@@ -140,6 +140,9 @@ def train_sft(base: ModelRef, rows: list[Row], trainer_cfg: Any, render_cfg: dic
     if strategy == "fsdp" and world == 1:
         raise ValueError("trainer.strategy=fsdp shards the model across processes, and this run is one process: "
                          "launch it with torchrun --nproc_per_node=N (N GPUs), or use trainer.strategy=auto")
+    # same numbers, ~1.4 GiB less at the default run's peak (instructdiff/lean_lm_head.py); a bad value fails
+    # here, before the model is loaded
+    fold_in_row_blocks(_get(trainer_cfg, "lm_head_fold_rows", ROW_BLOCK))
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if distributed.is_main() and tmp.exists():
@@ -169,8 +172,6 @@ def train_sft(base: ModelRef, rows: list[Row], trainer_cfg: Any, render_cfg: dic
         raise ValueError(f"trainer.method must be 'full' or 'lora', got {method!r}")
 
     flags = precision_flags(str(_get(trainer_cfg, "precision", "auto")))
-    # same numbers, ~1.4 GiB less at the default run's peak (instructdiff/lean_lm_head.py)
-    fold_in_row_blocks(_get(trainer_cfg, "lm_head_fold_rows", ROW_BLOCK))
     # TRL's SFTConfig turns activation checkpointing on by default: ~30% more compute per step, which only
     # pays off when memory is short, so it is an explicit choice here.
     parallel = parallel_args(strategy, method, bool(_get(trainer_cfg, "gradient_checkpointing", False)))

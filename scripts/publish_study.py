@@ -72,6 +72,15 @@ def _records(job: Path) -> list[dict]:
     return [json.loads(x) for x in (job / "selection.jsonl").read_text().splitlines() if x.strip()]
 
 
+def _mean_features(rows: list[dict]) -> dict[str, float | None]:
+    """The mean of each of ``PROFILE_FEATURES`` over the score dicts that have it (None where none has)."""
+    out = {}
+    for f in PROFILE_FEATURES:
+        vals = [r[f] for r in rows if r.get(f) is not None]
+        out[f] = sum(vals) / len(vals) if vals else None
+    return out
+
+
 def pick_profile(runs: Path) -> list[dict]:
     """What each selector's picks look like under InstructDiff's signals: for every seed with an `instructdiff`
     job, the mean ΔH, ΔNLL, base-model NLL and response tokens of each selector's selected rows (same seed,
@@ -102,19 +111,13 @@ def pick_profile(runs: Path) -> list[dict]:
                 continue
             seen.add((name, job.seed))
             picked = [r["id"] for r in _records(job.path) if r["status"] == "selected"]
-            row = {"selector": name, "seed": job.seed, "n": len(picked)}
-            for f in PROFILE_FEATURES:
-                vals = [scores[i][f] for i in picked if i in scores and scores[i].get(f) is not None]
-                row[f] = sum(vals) / len(vals) if vals else None
-            out.append(row)
+            out.append({"selector": name, "seed": job.seed, "n": len(picked),
+                        **_mean_features([scores[i] for i in picked if i in scores])})
         if ("(whole pool)" + under, ref.seed) in seen:
             continue
         seen.add(("(whole pool)" + under, ref.seed))
-        row = {"selector": "(whole pool)" + under, "seed": ref.seed, "n": len(scores)}
-        for f in PROFILE_FEATURES:
-            vals = [v[f] for v in scores.values() if v.get(f) is not None]
-            row[f] = sum(vals) / len(vals) if vals else None
-        out.append(row)
+        out.append({"selector": "(whole pool)" + under, "seed": ref.seed, "n": len(scores),
+                    **_mean_features(list(scores.values()))})
     return out
 
 

@@ -283,21 +283,20 @@ def preset_labels(jobs: list[Job], key: str) -> dict[int, str | None]:
     among them joined by ``+``; an unfinished job gets the label of its preset's class when that is unambiguous,
     else its own preset name. When every job ends up with the same label, the preset tells no jobs
     apart and is left out."""
+    own = {id(j): str(j.overrides.get(key, "(default)")) for j in jobs}
+    substance = {id(j): _substance(j) for j in jobs}
     names: dict[str, set[str]] = {}
     for j in jobs:
-        fp = _substance(j)
-        if fp is not None:
-            names.setdefault(fp, set()).add(str(j.overrides.get(key, "(default)")))
+        if substance[id(j)] is not None:
+            names.setdefault(substance[id(j)], set()).add(own[id(j)])
     label_of_class = {fp: "+".join(sorted(v)) for fp, v in names.items()}
     labels: dict[int, str | None] = {}
     for j in jobs:
-        own = str(j.overrides.get(key, "(default)"))
-        fp = _substance(j)
-        if fp is not None:
-            labels[id(j)] = label_of_class[fp]
+        if substance[id(j)] is not None:
+            labels[id(j)] = label_of_class[substance[id(j)]]
             continue
-        candidates = {label for fp2, label in label_of_class.items() if own in names[fp2]}
-        labels[id(j)] = candidates.pop() if len(candidates) == 1 else own
+        candidates = {label_of_class[fp] for fp, v in names.items() if own[id(j)] in v}
+        labels[id(j)] = candidates.pop() if len(candidates) == 1 else own[id(j)]
     if len(set(labels.values())) <= 1:
         return {i: None for i in labels}
     return labels
