@@ -20,6 +20,7 @@ Prompts follow the training renderer: with a chat template the task's user turn 
 
 from __future__ import annotations
 
+import difflib
 import gc
 import hashlib
 import json
@@ -28,7 +29,7 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "loglikelihood_only": False,
     "generation_limit": None,
+    "task_limits": {},
 }
 
 
@@ -76,28 +78,83 @@ def eval_settings(eval_cfg: Any) -> dict[str, Any]:
     tasks = settings["tasks"] or []
     # `eval.tasks=id_gsm8k` on the command line arrives as a string, not a one-item list.
     settings["tasks"] = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
+    settings["task_limits"] = _task_limits(settings["task_limits"])
     return settings
 
 
-def task_output_types() -> dict[str, str]:
-    """Task name → lm-eval output_type, read from the YAMLs (regex: the ``!function`` tags need lm-eval's
-    loader, and only these two fields are wanted)."""
-    types = {}
+def checked_eval_settings(eval_cfg: Any) -> dict[str, Any]:
+    """``eval_settings`` with every task name checked: a run calls it before any data or model work, so a typo
+    in ``eval.tasks`` or ``eval.task_limits`` fails in a second, not after training."""
+    settings = eval_settings(eval_cfg)
+    known = task_output_types()
+    unknown = [t for t in settings["tasks"] if t not in known]
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {unknown}; instructdiff defines {sorted(known)}")
+    return settings
+
+
+def _task_limits(given: Any) -> dict[str, int | None]:
+    """``eval.task_limits`` checked: a mapping of task names defined here to a positive item count or null."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise ValueError(f"eval.task_limits must map task names to an item count or null, got {given!r}")
+    known = task_output_types()
+    out: dict[str, int | None] = {}
+    for task, limit in given.items():
+        if task not in known:
+            close = difflib.get_close_matches(str(task), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"eval.task_limits names unknown task {task!r}{hint}; instructdiff defines "
+                             f"{sorted(known)}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"eval.task_limits.{task} must be a positive number of items or null (every item), "
+                             f"got {limit!r}")
+        out[str(task)] = limit
+    return out
+
+
+def task_limit(task: str, output_type: str, settings: dict[str, Any]) -> int | None:
+    """Items of ``task`` to evaluate: its ``eval.task_limits`` entry, else ``generation_limit`` for a generation
+    task (when set), else ``limit``."""
+    if task in settings["task_limits"]:
+        return settings["task_limits"][task]
+    if output_type == "generate_until" and settings["generation_limit"] is not None:
+        return settings["generation_limit"]
+    return settings["limit"]
+
+
+def _task_yamls() -> dict[str, tuple[Path, str]]:
+    """Task name → (its YAML file, its lm-eval output_type), read with a regex: the ``!function`` tags need
+    lm-eval's loader, and only these two fields are wanted."""
+    found = {}
     for path in sorted(TASKS_SRC.glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
         name = re.search(r"^task:\s*(\S+)", text, flags=re.M)
         kind = re.search(r"^output_type:\s*(\S+)", text, flags=re.M)
         if name and kind:
-            types[name.group(1)] = kind.group(1)
-    return types
+            found[name.group(1)] = (path, kind.group(1))
+    return found
 
 
-def task_files_fingerprint() -> str:
-    """Hash of the task YAMLs and utils.py: an eval cache key must change when a prompt or metric does."""
+def task_output_types() -> dict[str, str]:
+    """Task name → lm-eval output_type."""
+    return {name: kind for name, (_path, kind) in _task_yamls().items()}
+
+
+def task_files_fingerprint(tasks: Iterable[str]) -> str:
+    """Hash of the YAMLs of ``tasks`` and of utils.py, which they all share: an eval cache key must change when
+    a prompt or metric of one of its tasks does, and only then (a new or edited task file elsewhere leaves the
+    cached evaluations of every other task valid)."""
+    files = _task_yamls()
     h = hashlib.sha256()
-    for path in sorted(TASKS_SRC.glob("*.yaml")) + [TASKS_SRC / "utils.py"]:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    for task in sorted(set(tasks)):
+        if task not in files:
+            raise ValueError(f"unknown eval task {task!r}; instructdiff defines {sorted(files)}")
+        h.update(files[task][0].name.encode())
+        h.update(files[task][0].read_bytes())
+    h.update(b"utils.py")
+    h.update((TASKS_SRC / "utils.py").read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -302,14 +359,11 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
         from instructdiff.eval_console import quiet_other_ranks
 
         quiet_other_ranks(rank)
-    settings = eval_settings(eval_cfg)
+    settings = checked_eval_settings(eval_cfg)
     work_dir = Path(work_dir)
     if rank == 0:
         work_dir.mkdir(parents=True, exist_ok=True)
     known = task_output_types()
-    unknown = [t for t in settings["tasks"] if t not in known]
-    if unknown:
-        raise ValueError(f"unknown eval task(s) {unknown}; instructdiff defines {sorted(known)}")
 
     result: dict[str, Any] = {"metrics": {}, "skipped": {}, "n_samples": {}, "unchecked": {}}
     to_run = []
@@ -320,7 +374,7 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
         else:
             to_run.append(task)
     result["settings"] = {**settings, "model": ref.name, "model_fingerprint": ref.fingerprint,
-                          "task_files": task_files_fingerprint()}
+                          "task_files": task_files_fingerprint(settings["tasks"])}
 
     if to_run:
         # the other ranks render the task files for themselves: only rank 0 writes into the cache
@@ -336,10 +390,13 @@ def evaluate_model(ref: ModelRef, eval_cfg: Any, work_dir: Path, device: str = "
                                         "chat" if chat else "alpaca")
                 model = load_model(ref, settings["dtype"], device)
             result["settings"].update(apply_chat_template=chat, prompt_style="chat" if chat else "alpaca")
+            # One lm-eval call per (item limit, generates): lm-eval takes one limit for all the tasks of a call.
             # Generation costs ~100x a log-likelihood item on a CPU, so it gets its own limit.
-            gen_limit = settings["generation_limit"] if settings["generation_limit"] is not None else settings["limit"]
-            groups = [([t for t in to_run if known[t] != "generate_until"], settings["limit"], False),
-                      ([t for t in to_run if known[t] == "generate_until"], gen_limit, True)]
+            by_limit: dict[tuple[int | None, bool], list[str]] = {}
+            for t in to_run:
+                generates = known[t] == "generate_until"
+                by_limit.setdefault((task_limit(t, known[t], settings), generates), []).append(t)
+            groups = [(tasks, limit, generates) for (limit, generates), tasks in by_limit.items()]
             # an error once lm-eval's collectives are behind every rank (aggregating, collecting) reaches them all
             with distributed.fail_together(f"evaluating {ref.name}"):
                 for tasks, limit, generates in groups:
@@ -448,7 +505,8 @@ def cached_evaluation(runner: Any, cache: Path, ref: ModelRef, label: str, eval_
     from instructdiff.rows import stable_hash
     from instructdiff.stages import STAGE_VERSIONS
 
-    key = stable_hash({"model": ref.fingerprint, "eval": eval_cfg, "tasks": task_files_fingerprint(),
+    key = stable_hash({"model": ref.fingerprint, "eval": eval_cfg,
+                       "tasks": task_files_fingerprint(eval_settings(eval_cfg)["tasks"]),
                        "v": STAGE_VERSIONS["eval"]})
     out = Path(cache) / "eval" / key
     result_path, cost_path = out / "eval_results.json", out / "eval_cost.json"

@@ -296,6 +296,10 @@ class Pipeline:
         # before any data or model work: a typo in a selector key fails in a second
         with distributed.fail_together("making the selector"):
             selector: Selector = instantiate_selector(cfg.selector)
+        if "eval" in self.stages:
+            from instructdiff.evaluate import checked_eval_settings
+
+            checked_eval_settings(self.cfg.eval)
         p = self.prepare()
         selecting = any(s in self.stages for s in ("calibrate", "score", "select", "train"))
         if selector.uses_budget and selecting:

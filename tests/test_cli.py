@@ -63,6 +63,22 @@ def test_composed_selector_keys_are_checked_before_any_work(make_cfg) -> None:
         run(make_cfg("+selector.nll_trimm=0.1"))
 
 
+def test_eval_task_typos_are_caught_before_any_work(make_cfg) -> None:
+    """A run that evaluates checks its task names first: a typo must not surface after training."""
+    import pytest
+
+    from instructdiff.pipeline import run
+
+    with pytest.raises(ValueError, match=r"unknown task 'id_medqa_leter' \(did you mean 'id_medqa_letter'\?\)"):
+        run(make_cfg("+eval.task_limits.id_medqa_leter=null", "domain.pool_path=/nonexistent.jsonl"))
+    with pytest.raises(ValueError, match=r"unknown eval task\(s\) \['id_gsm8kk'\]"):
+        run(make_cfg("eval.tasks=[id_gsm8kk]", "domain.pool_path=/nonexistent.jsonl"))
+    # a run without the eval stage does not look at them
+    with pytest.raises(FileNotFoundError):
+        run(make_cfg("eval.tasks=[id_gsm8kk]", "domain.pool_path=/nonexistent.jsonl",
+                     "pipeline.stages=[calibrate,score,select]"))
+
+
 def test_budgets_that_select_nothing_stop_before_any_model_work(make_cfg, tmp_path: Path) -> None:
     import pytest
 

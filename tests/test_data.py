@@ -405,7 +405,7 @@ def test_resolve_data_path_prefers_data_dir_then_cwd(tmp_path: Path, monkeypatch
 
 DOMAINS = {
     "math": ("####", ["id_gsm8k_bpb", "id_gsm8k"]),
-    "medical": (None, ["id_medqa", "id_medqa_bpb"]),
+    "medical": (None, ["id_medqa_letter", "id_medqa_bpb"]),
     "general": (None, ["id_alpacaeval_bpb", "id_ifeval"]),
     "code": (None, ["id_mbpp_bpb", "id_humaneval", "id_mbpp"]),
 }

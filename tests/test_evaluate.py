@@ -35,7 +35,7 @@ from instructdiff.lm_eval_tasks import utils
 from instructdiff.models import ModelRef, load_model, load_tokenizer, resolve_model
 
 ALL_TASKS = {
-    "id_gsm8k": 1319, "id_gsm8k_bpb": 1319, "id_medqa": 1273, "id_medqa_bpb": 1273,
+    "id_gsm8k": 1319, "id_gsm8k_bpb": 1319, "id_medqa": 1273, "id_medqa_bpb": 1273, "id_medqa_letter": 1273,
     "id_alpacaeval_bpb": 805, "id_ifeval": 541, "id_mbpp_bpb": 500, "id_mbpp": 500, "id_humaneval": 164,
 }
 # Loading it would fail: proves a test path never touches the model.
@@ -103,6 +103,33 @@ def test_medqa_targets_match_the_training_rendering() -> None:
         assert doc["choices"][doc["gold"]] == row.response
         assert doc["user"] == row.instruction
         assert len(doc["choices"]) == 4 and doc["choices"][0].startswith("The answer is A: ")
+        # the letter task's choices are what follows "The answer is" in the full options
+        letters = utils.medqa_letters(doc)
+        assert [c[len("The answer is"):len("The answer is") + 2] for c in doc["choices"]] == letters
+        assert row.response.startswith("The answer is" + letters[doc["gold"]] + ":")
+
+
+def test_medqa_letter_prompt_ends_where_the_pool_response_names_its_letter(tmp_path: Path) -> None:
+    """The context ends inside the assistant's turn with "The answer is", in both prompt styles, and each letter
+    is one token after it: what makes lm-eval score the four letters from one forward pass."""
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    for style in ("chat", "alpaca"):
+        tm = TaskManager(include_path=str(render_tasks(tmp_path / style, style)), include_defaults=False)
+        task = tm.load(["id_medqa_letter"])["tasks"]["id_medqa_letter"]
+        doc = next(iter(task.eval_docs))
+        ctx = task.fewshot_context(doc, 0, gen_prefix=task.doc_to_prefix(doc))
+        assert ctx.endswith("The answer is")
+        assert doc["user"] in ctx
+        assert task.doc_to_choice(doc) == [" A", " B", " C", " D"]
+    # the shipped model's own tokenizer, read from its GGUF file (the tiny test tokenizer splits " D" in two)
+    from instructdiff.models import _gguf_location
+
+    gguf = _gguf_location(OmegaConf.load(CONF_DIR / "model" / "smollm2_135m.yaml"))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for letter in (" A", " B", " C", " D"):
+        assert len(tok("The answer is" + letter)["input_ids"]) == len(tok("The answer is")["input_ids"]) + 1
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -121,10 +148,61 @@ def test_evaluate_model_bpb_and_multiple_choice(tiny_ref: ModelRef, tmp_path: Pa
     assert 0.0 <= m["id_medqa/acc"] <= 1.0 and 0.0 <= m["id_medqa/acc_norm"] <= 1.0
     assert result["n_samples"] == {"id_gsm8k_bpb": 4, "id_medqa": 4}
     assert result["skipped"] == {"id_humaneval": CODE_OFF}
-    assert result["settings"]["task_files"] == task_files_fingerprint()
+    assert result["settings"]["task_files"] == task_files_fingerprint(["id_gsm8k_bpb", "id_medqa", "id_humaneval"])
     assert result["settings"]["apply_chat_template"] is True  # the tiny tokenizer has a chat template
     on_disk = json.loads((tmp_path / "eval_results.json").read_text())
     assert on_disk["metrics"] == m and on_disk["n_samples"] == result["n_samples"]
+
+
+def test_task_limits_override_the_limit_per_task(tiny_ref: ModelRef, tmp_path: Path) -> None:
+    cfg = _eval_cfg(tasks=["id_gsm8k_bpb", "id_medqa_letter", "id_medqa_bpb"], limit=3, batch_size=4,
+                    task_limits={"id_medqa_letter": 5})
+    result = evaluate_model(tiny_ref, cfg, tmp_path, device="cpu")
+    assert result["n_samples"] == {"id_gsm8k_bpb": 3, "id_medqa_letter": 5, "id_medqa_bpb": 3}
+    assert 0.0 <= result["metrics"]["id_medqa_letter/acc"] <= 1.0
+    # null = every item: the limit lm-eval gets is None (checked without running 1,273 items)
+    from instructdiff.evaluate import task_limit
+
+    every = eval_settings(_eval_cfg(limit=3, task_limits={"id_medqa_letter": None, "id_gsm8k": 2}))
+    assert task_limit("id_medqa_letter", "multiple_choice", every) is None
+    assert task_limit("id_gsm8k", "generate_until", every) == 2  # over generation_limit too
+    assert task_limit("id_ifeval", "generate_until", every) == 10  # generation_limit
+    assert task_limit("id_medqa", "multiple_choice", every) == 3
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"id_medqa_leter": None}, "unknown task 'id_medqa_leter' \\(did you mean 'id_medqa_letter'\\?\\)"),
+    ({"id_medqa": 0}, "eval.task_limits.id_medqa must be a positive number of items or null"),
+    ({"id_medqa": "all"}, "eval.task_limits.id_medqa must be a positive"),
+    (["id_medqa"], "eval.task_limits must map task names"),
+])
+def test_bad_task_limits_are_named_errors(limits, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        eval_settings({"tasks": ["id_medqa"], "task_limits": limits})
+
+
+def test_a_task_file_added_or_edited_elsewhere_leaves_other_tasks_fingerprints_alone(monkeypatch,
+                                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    from instructdiff import evaluate
+
+    src = tmp_path / "tasks"
+    shutil.copytree(evaluate.TASKS_SRC, src)
+    monkeypatch.setattr(evaluate, "TASKS_SRC", src)
+    gsm8k, medqa = task_files_fingerprint(["id_gsm8k_bpb"]), task_files_fingerprint(["id_medqa_bpb"])
+    assert gsm8k != medqa
+    assert task_files_fingerprint(["id_medqa_bpb", "id_gsm8k_bpb"]) == task_files_fingerprint(
+        ["id_gsm8k_bpb", "id_medqa_bpb", "id_gsm8k_bpb"])  # order and repeats do not matter
+    (src / "id_new.yaml").write_text("task: id_new\noutput_type: loglikelihood\n")
+    medqa_yaml = src / "id_medqa_bpb.yaml"
+    medqa_yaml.write_text(medqa_yaml.read_text() + "# edited\n")
+    assert task_files_fingerprint(["id_gsm8k_bpb"]) == gsm8k
+    assert task_files_fingerprint(["id_medqa_bpb"]) != medqa
+    (src / "utils.py").write_text((src / "utils.py").read_text() + "# edited\n")  # shared by every task
+    assert task_files_fingerprint(["id_gsm8k_bpb"]) != gsm8k
+    with pytest.raises(ValueError, match="unknown eval task 'id_nope'"):
+        task_files_fingerprint(["id_nope"])
 
 
 def test_bpb_is_the_likelihood_of_the_reference_tokens_alone(tiny_ref: ModelRef) -> None:
@@ -236,7 +314,7 @@ def test_quick_and_none_configs(tmp_path: Path) -> None:
         quick = compose("config", overrides=["eval=quick", "domain=math"]).eval
         none = compose("config", overrides=["eval=none"]).eval
         default = compose("config", overrides=["domain=medical"]).eval
-    assert list(default.tasks) == ["id_medqa", "id_medqa_bpb"] and default.limit == 100
+    assert list(default.tasks) == ["id_medqa_letter", "id_medqa_bpb"] and default.limit == 100
     assert quick.limit == 50 and quick.loglikelihood_only is True and quick.batch_size == default.batch_size
     assert eval_settings({"tasks": "id_gsm8k"})["tasks"] == ["id_gsm8k"]
     assert set(eval_settings(default)) >= {"tasks", "limit", "batch_size", "max_gen_toks", "apply_chat_template",

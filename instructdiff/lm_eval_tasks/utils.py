@@ -171,6 +171,8 @@ def process_medqa(dataset):
             "user": user_message(row),
             "reference": mcq_answer(doc["answer_idx"], options[doc["answer_idx"]]),
             "choices": [mcq_answer(k, v) for k, v in options.items()],
+            # what follows "The answer is" in those choices, leading space included: one token each
+            "letters": [f" {k}" for k in options],
             "gold": list(options).index(doc["answer_idx"]),
         }
 
@@ -179,6 +181,10 @@ def process_medqa(dataset):
 
 def medqa_choices(doc: dict) -> list[str]:
     return list(doc["choices"])
+
+
+def medqa_letters(doc: dict) -> list[str]:
+    return list(doc["letters"])
 
 
 def medqa_gold(doc: dict) -> int:
