@@ -151,6 +151,15 @@ def test_full_at_several_fractions_counts_its_distinct_seeds(report):
     assert cost["random"]["runs"] == "3" and cost["random"]["jobs"] == "3"
 
 
+def test_the_title_names_the_runs_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from instructdiff.report.markdown import _shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _shown_path((tmp_path / "results" / "study" / "runs").resolve()) == "results/study/runs"
+    outside = (tmp_path.parent / "elsewhere").resolve()
+    assert _shown_path(outside) == str(outside)
+
+
 def test_markdown_section_and_summary_name_the_right_selectors(report):
     _, _, _, md = report
     lines = md.splitlines()

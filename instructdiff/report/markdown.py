@@ -3,6 +3,8 @@ cost and the plots. Every number comes from the tables (tables.py) and the study
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from instructdiff.report.fmt import (
     BASE_LABEL,
     fmt,
@@ -24,10 +26,19 @@ def _arrow(metric: str) -> str:
     return " ↓" if lower_is_better(metric) else ""
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when inside it: a committed report then names its runs as
+    anyone's checkout does (results/<study>/runs), not by the folder of the machine that wrote it."""
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def markdown(rep: Report, overlap: list, cost: list[dict], frontiers: dict[str, list[str]] | None = None) -> list[str]:
     """The lines of report.md; ``frontiers``: plot file -> lines naming its Pareto frontier per metric."""
     missing = [j for j in rep.jobs if j.status != "ok"]
-    md = [f"# Sweep report: {rep.root}", "", *summary_markdown(rep),
+    md = [f"# Sweep report: {_shown_path(rep.root)}", "", *summary_markdown(rep),
           f"{len(rep.jobs)} jobs: {len(rep.ok)} ok, "
           f"{sum(j.status == 'missing/failed' for j in rep.jobs)} missing/failed, "
           f"{sum(j.status == 'not started' for j in rep.jobs)} not started.", ""]
