@@ -41,7 +41,13 @@ from instructdiff.models import ModelRef, load_tokenizer, resolve_model, trained
 from instructdiff.queries import load_queries
 from instructdiff.render import Rendered, Renderer, render_pool
 from instructdiff.rows import Row, fingerprint_rows, stable_hash
-from instructdiff.run_outputs import json_default, print_summary, write_manifest, write_selection
+from instructdiff.run_outputs import (
+    json_default,
+    print_summary,
+    records_same_work,
+    write_manifest,
+    write_selection,
+)
 from instructdiff.run_outputs import write_json as write_run_file
 from instructdiff.score_stage import PoolScorer
 from instructdiff.score_store import ScoreStore
@@ -340,6 +346,11 @@ class Pipeline:
                             "hits": sum(e["hit"] for e in events), "misses": sum(not e["hit"] for e in events)}
 
         def publish() -> None:
+            if records_same_work(self.run_dir / "results.json", results):
+                log.info("every stage was a cache hit of work %s already records: kept that record (and its "
+                         "manifest), with the times and costs of the run that computed it",
+                         self.run_dir / "results.json")
+                return
             write_run_file(self.run_dir / "results.json", results)
             write_manifest(self.run_dir, cfg, p, self.pool_seed, self.response_end, selection, self.accounting)
 

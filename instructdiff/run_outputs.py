@@ -192,3 +192,19 @@ def print_summary(results: dict, echo: Callable[[str], None] = print) -> None:
 
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def records_same_work(path: Path, results: dict[str, Any]) -> bool:
+    """Whether ``path`` (a run directory's results.json) already records the work of ``results``, a run whose
+    every stage was a cache hit: the same stages, and each of its (stage, cache key) pairs among the recorded
+    run's. Rerunning a finished sweep into its own folder is then a resume, and the record of the run that
+    computed the results (its wall times, its costs, which of its stages computed) is the one worth keeping."""
+    events = results.get("cache", {}).get("events", [])
+    if results.get("cache", {}).get("misses", 1) != 0 or not events or not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        recorded = {(e["stage"], e["key"]) for e in old["cache"]["events"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable or from another version: the new record replaces it
+    return old.get("stages") == results.get("stages") and all((e["stage"], e["key"]) in recorded for e in events)

@@ -66,6 +66,34 @@ def test_end_to_end_writes_every_artifact_and_rerun_hits_every_cache(make_cfg, t
     assert _jsonl(tmp_path / "rerun" / "selection.jsonl") == selection
 
 
+def test_a_rerun_into_its_own_folder_keeps_the_record_of_the_run_that_computed(make_cfg, tmp_path, caplog):
+    """Resuming a finished sweep reruns every job as cache hits: the folder keeps the computing run's
+    results.json and manifest (its times and costs); a rerun that computed something writes its own."""
+    import logging
+
+    overrides = ("eval=quick", "eval.limit=2", "eval.tasks=[id_gsm8k_bpb]", "pipeline.stages=[select,train,eval]",
+                 "selector=random")
+    run(make_cfg(*overrides))
+    record, manifest = (tmp_path / "run" / "results.json").read_bytes(), (tmp_path / "run" / "manifest.json").read_bytes()
+    assert json.loads(record)["cache"]["misses"] > 0 and json.loads(record)["seconds"]["train"] > 0
+    with caplog.at_level(logging.INFO, logger="instructdiff"):
+        again = run(make_cfg(*overrides))
+    assert again["cache"]["misses"] == 0  # what the rerun returns is its own account
+    assert (tmp_path / "run" / "results.json").read_bytes() == record
+    assert (tmp_path / "run" / "manifest.json").read_bytes() == manifest
+    assert "kept that record" in caplog.text
+
+    # one more eval item: the trained model's evaluation is computed again, so this run's record replaces it
+    changed = run(make_cfg(*overrides[:1], "eval.limit=3", *overrides[2:]))
+    assert changed["cache"]["misses"] > 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["cache"] == changed["cache"]
+    # and a cache-hit rerun of other work than the record's (another selector) does not keep it either
+    run(make_cfg(*overrides[:1], "eval.limit=3", *overrides[2:-1], "selector=length", run_name="other"))
+    (tmp_path / "run" / "results.json").write_text((tmp_path / "other" / "results.json").read_text())
+    rerun_random = run(make_cfg(*overrides[:1], "eval.limit=3", *overrides[2:]))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["cache"] == rerun_random["cache"]
+
+
 def test_calibration_changes_the_model_and_selection_uses_both_models(make_cfg, tmp_path):
     results = run(make_cfg("pipeline.stages=[calibrate,score,select]"))
     rows = [r for r in _jsonl(tmp_path / "run" / "selection.jsonl") if r["status"] != "dropped"]
