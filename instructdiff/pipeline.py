@@ -323,7 +323,9 @@ class Pipeline:
             results["selection"] = {**selection.stats, "n_pool": len(p.pool),
                                     "n_dropped_on_load": len(p.report.dropped),
                                     "n_dropped_by_renderer": len(p.render_dropped),
-                                    "not_drawn": p.report.not_drawn}
+                                    "not_drawn": p.report.not_drawn,
+                                    # every input row: the counts above are the selector's, of the rendered pool
+                                    "accounting": self.accounting}
             results["selection"].pop("warmup_ids", None)
         trained = None
         if "train" in self.stages:

@@ -171,10 +171,11 @@ def print_summary(results: dict, echo: Callable[[str], None] = print) -> None:
     sel = results.get("selection", {})
     console = Console()
     if sel:
-        c = sel.get("counts", {})
+        # the whole input's accounting: rows dropped on load or by the renderer never reach the selector's counts
+        c = sel.get("accounting") or {**sel.get("counts", {}), "dropped_reasons": sel.get("dropped_reasons")}
         not_drawn = f", {sel['not_drawn']} not drawn into the pool" if sel.get("not_drawn") else ""
         console.print(escape(f"selection: {c.get('selected')} selected, {c.get('not_selected')} not selected, "
-                             f"{c.get('dropped')} dropped ({sel.get('dropped_reasons')}){not_drawn}"))
+                             f"{c.get('dropped')} dropped ({c.get('dropped_reasons')}){not_drawn}"))
     if results.get("scoring_model") and results.get("scoring_model") != results.get("model"):
         console.print(f"scored by: {results['scoring_model']} (selecting for {results.get('model')})")
     console.print(f"time per stage (s): {results.get('seconds')}")

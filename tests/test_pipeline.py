@@ -156,6 +156,26 @@ def test_user_pool_with_token_budget(make_cfg, tmp_path):
         assert json.loads(lines[rec["_instructdiff"]["line"] - 1]) == own
 
 
+def test_the_summary_counts_rows_the_renderer_dropped(make_cfg, tmp_path, capsys):
+    """A row too long to render is dropped before the selector sees it: the summary line and results.json still
+    account for it, as selection.jsonl and the manifest do."""
+    from instructdiff.run_outputs import print_summary
+
+    pool = tmp_path / "mine.jsonl"
+    rows = [{"instruction": f"Say {i}", "input": "", "response": "ok " * 4} for i in range(9)]
+    rows.append({"instruction": "Say it all", "input": "", "response": "word " * 400})
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = run(make_cfg(f"domain.pool_path={pool}", "domain.pool_size=null", "domain.max_length=128",
+                           "selector=random", "selector.budget.fraction=0.2", "pipeline.stages=[select]"))
+    acc = results["selection"]["accounting"]
+    assert (acc["selected"], acc["not_selected"], acc["dropped"], acc["balanced"]) == (1, 8, 1, True)
+    assert acc["dropped_reasons"] == {"too_long": 1}
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["accounting"] == acc
+    capsys.readouterr()
+    print_summary(results)
+    assert "1 selected, 8 not selected, 1 dropped ({'too_long': 1})" in capsys.readouterr().out.replace("\n", " ")
+
+
 def test_wandb_offline_run_is_written(make_cfg, tmp_path):
     results = run(make_cfg("logger=wandb", "pipeline.stages=[select]", "selector=random"))
     assert "wandb sync" in results["wandb_sync"]
