@@ -70,8 +70,8 @@ def fold_in_row_blocks(rows: int | None = ROW_BLOCK) -> bool:
     TRL's folds are now row-blocked (False for ``None``, or when TRL has no such functions or their parameters
     changed)."""
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
-        raise ValueError(f"trainer.lm_head_fold_rows must be a positive number of token rows, or null for TRL's "
-                         f"whole-tile fold; got {rows!r}")
+        raise ValueError(f"trainer.lm_head_fold_rows must be a positive number of token rows, or null (or 0) for "
+                         f"TRL's whole-tile fold; got {rows!r}")
     try:
         from trl.kernels import chunked_logprob as kernel
     except ImportError:
